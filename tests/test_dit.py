@@ -17,7 +17,12 @@ CONFIG = PRESETS["tiny"]
 def official_keys(num_blocks: int) -> list[str]:
     """State-dict key names of the official checkpoint, from DESIGN.md's key pattern."""
     keys = ["time_embeddings.in_layer", "time_embeddings.out_layer", "text_embeddings.in_layer"]
-    keys += ["visual_embeddings.in_layer", "out_layer.norm", "out_layer.out_layer", "out_layer.modulation_out"]
+    keys += [
+        "visual_embeddings.in_layer",
+        "out_layer.norm",
+        "out_layer.out_layer",
+        "out_layer.modulation_out",
+    ]
     block_parts = [
         "visual_modulation.out_layer", "text_modulation.out_layer", "self_attention_norm",
         "self_attention.to_query_key_value", "self_attention.query_norm", "self_attention.key_norm",
@@ -39,7 +44,13 @@ def synthetic_checkpoint(seed: int = 1) -> dict[str, torch.Tensor]:
         "self_attention.to_query_key_value": (3 * d, d), "self_attention.output_layer": (d, d),
         "feed_forward.in_layer": (c.ff_dim, d), "feed_forward.out_layer": (d, c.ff_dim),
     }  # fmt: skip
-    norm_sizes = {"norm": d, "self_attention_norm": d, "feed_forward_norm": d, "query_norm": hd, "key_norm": hd}
+    norm_sizes = {
+        "norm": d,
+        "self_attention_norm": d,
+        "feed_forward_norm": d,
+        "query_norm": hd,
+        "key_norm": hd,
+    }
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key in official_keys(c.num_blocks):
@@ -113,7 +124,9 @@ def reference_dit(w: dict, x: torch.Tensor, text: torch.Tensor, t: int) -> torch
             # attention over [visual ; text]
             v_in = ref_layer_norm(w, f"{p}.self_attention_norm", vis) * (1 + vm[1]) + vm[0]
             t_in = ref_layer_norm(w, f"{p}.self_attention_norm", txt) * (1 + tm[1]) + tm[0]
-            qkv = [ref_linear(w, f"{p}.self_attention.to_query_key_value", s).view(-1, 3, heads, hd) for s in (v_in, t_in)]
+            qkv = [
+                ref_linear(w, f"{p}.self_attention.to_query_key_value", s).view(-1, 3, heads, hd) for s in (v_in, t_in)
+            ]
             q = [ref_layer_norm(w, f"{p}.self_attention.query_norm", s[:, 0]) for s in qkv]
             k = [ref_layer_norm(w, f"{p}.self_attention.key_norm", s[:, 1]) for s in qkv]
             q = torch.cat([rope(q[0]), q[1]])
@@ -179,29 +192,32 @@ def test_official_checkpoint_loads_by_name(tmp_path, suffix):
         torch.testing.assert_close(value, state[key].double(), rtol=0, atol=0)
     # the recomputed RoPE tables, not the stored zeros, are used: output equals the reference
     g = torch.Generator().manual_seed(9)
-    x, text = torch.randn(1, 2, 4, 6, 16, generator=g, dtype=torch.float64), torch.randn(1, 4, 32, dtype=torch.float64)
+    x, text = (
+        torch.randn(1, 2, 4, 6, 16, generator=g, dtype=torch.float64),
+        torch.randn(1, 4, 32, dtype=torch.float64),
+    )
     weights = {k: v.double() for k, v in state.items()}
     assert rel_error(model(x, text, torch.tensor([749]))[0], reference_dit(weights, x[0], text[0], 749)) <= 1e-6
 
 
 def test_renamed_key_fails_with_its_name(tmp_path):
     state = synthetic_checkpoint()
-    state["transformer_blocks.1.0.self_attention.qkv.weight"] = state.pop(
-        "transformer_blocks.1.0.self_attention.to_query_key_value.weight"
+    state["transformer_blocks.0.1.self_attention.qkv.weight"] = state.pop(
+        "transformer_blocks.0.1.self_attention.to_query_key_value.weight"
     )
     path = tmp_path / "renamed.pt"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as error:
         load_dit_weights(build_dit("tiny"), path)
-    assert "transformer_blocks.1.0.self_attention.to_query_key_value.weight" in str(error.value)
-    assert "transformer_blocks.1.0.self_attention.qkv.weight" in str(error.value)
+    assert "transformer_blocks.0.1.self_attention.to_query_key_value.weight" in str(error.value)
+    assert "transformer_blocks.0.1.self_attention.qkv.weight" in str(error.value)
 
 
 def test_wrong_shape_and_wrong_model_fail(tmp_path):
     state = synthetic_checkpoint()
     state["out_layer.out_layer.weight"] = torch.zeros(32, CONFIG.model_dim)
     torch.save(state, tmp_path / "shape.pt")
-    with pytest.raises(CheckpointError, match=r"out_layer\.out_layer\.weight \(32, 64\) != \(64, 64\)"):
+    with pytest.raises(CheckpointError, match=r"out_layer\.out_layer\.weight \(32, 32\) != \(64, 32\)"):
         load_dit_weights(build_dit("tiny"), tmp_path / "shape.pt")
     torch.save({"decoder.conv_in.conv.weight": torch.zeros(8, 16, 3, 3, 3)}, tmp_path / "vae.pt")
     with pytest.raises(CheckpointError, match="missing keys: .*unexpected keys: decoder.conv_in"):

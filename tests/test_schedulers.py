@@ -7,14 +7,10 @@ import json
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler
+from official_reference import COGVIDEOX_5B_SCHEDULER as COGVIDEOX_5B
+from official_reference import official_renoise_loop
 
 from k4serve.models.schedulers import FlashSampler, ScheduleConfig, alphas_cumprod, timesteps
-
-COGVIDEOX_5B = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    rescale_betas_zero_snr=True, snr_shift_scale=1.0, timestep_spacing="trailing", prediction_type="v_prediction",
-    set_alpha_to_one=True, steps_offset=0, clip_sample=False,
-)  # fmt: skip
 
 
 def test_alpha_table_and_timesteps_equal_diffusers():
@@ -36,27 +32,13 @@ def test_other_spacings_equal_diffusers(spacing):
 
 def test_config_is_read_from_the_snapshot(tmp_path):
     path = tmp_path / "scheduler_config.json"
-    path.write_text(json.dumps({**COGVIDEOX_5B, "_class_name": "CogVideoXDDIMScheduler", "timestep_spacing": "linspace"}))
+    path.write_text(
+        json.dumps({**COGVIDEOX_5B, "_class_name": "CogVideoXDDIMScheduler", "timestep_spacing": "linspace"})
+    )
     assert timesteps(ScheduleConfig.from_json(path)) == [999, 666, 333, 0]
     path.write_text(json.dumps({**COGVIDEOX_5B, "prediction_type": "epsilon"}))
     with pytest.raises(ValueError, match="v_prediction"):
         ScheduleConfig.from_json(path)
-
-
-def official_renoise_loop(denoiser, shape, seed, dtype):
-    """A transcription of the official `diffusion_generate_renoise` + `predict_x_0` on diffusers' scheduler."""
-    scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_5B)
-    generator = torch.Generator().manual_seed(seed)
-    img = torch.randn(*shape, generator=generator).to(dtype)
-    scheduler.set_timesteps(4)
-    for time in scheduler.timesteps:
-        model_time = time.unsqueeze(0)
-        noise = torch.randn(img.shape, generator=generator).to(dtype)
-        img = scheduler.add_noise(img, noise, time)
-        velocity = denoiser(img.to(dtype)[None], model_time)[0]
-        alpha = scheduler.alphas_cumprod[model_time][:, None, None, None]
-        img = (alpha**0.5) * img - ((1 - alpha) ** 0.5) * velocity
-    return img
 
 
 def test_sampler_reproduces_the_official_loop():

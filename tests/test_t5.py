@@ -11,7 +11,7 @@ def test_tokenization_gives_224_ids_with_eos_then_padding():
     encoder = T5TextEncoder.from_preset("tiny")
     ids = encoder.tokenize("a red fox")[0]
     assert ids.shape == (MAX_TOKENS,) == (224,)
-    text_ids = [b + 3 for b in "a red fox".encode()]  # ByT5: byte + 3 special ids
+    text_ids = [b + 3 for b in b"a red fox"]  # ByT5: byte + 3 special ids
     assert ids[: len(text_ids)].tolist() == text_ids
     assert ids[len(text_ids)] == encoder.tokenizer.eos_token_id == 1
     assert (ids[len(text_ids) + 1 :] == encoder.tokenizer.pad_token_id).all()

@@ -53,8 +53,9 @@ class DiTConfig:
 
 PRESETS: dict[str, DiTConfig] = {
     "flash-512": DiTConfig(),
-    # CPU tests and the out-of-the-box demo: same structure, a few hundred thousand parameters.
-    "tiny": DiTConfig(in_text_dim=32, time_dim=32, model_dim=64, ff_dim=128, num_blocks=2, axes_dims=(4, 6, 6)),
+    # CPU tests and the out-of-the-box demo: the same structure (one local/global pair; 4 heads, so 2- and
+    # 4-way head splits work) at a width that keeps a 1 s 384x672 video near a second per step on 2 cores.
+    "tiny": DiTConfig(in_text_dim=32, time_dim=32, model_dim=32, ff_dim=64, num_blocks=1, axes_dims=(4, 2, 2)),
 }
 
 
@@ -160,15 +161,14 @@ class Modulation(nn.Module):
 def modulate(x: Tensor, n_visual: int, visual: tuple[Tensor, Tensor], text: tuple[Tensor, Tensor]) -> Tensor:
     """x * (1 + scale) + shift with each stream's (shift, scale); x [B, N+L, D]."""
     (v_shift, v_scale), (t_shift, t_scale) = visual, text
-    return torch.cat(
-        [x[:, :n_visual] * (v_scale + 1.0) + v_shift, x[:, n_visual:] * (t_scale + 1.0) + t_shift], dim=1
-    )
+    return torch.cat([x[:, :n_visual] * (v_scale + 1.0) + v_shift, x[:, n_visual:] * (t_scale + 1.0) + t_shift], dim=1)
 
 
 def gated_add(x: Tensor, out: Tensor, n_visual: int, visual_gate: Tensor, text_gate: Tensor) -> Tensor:
     """x + gate * out with each stream's gate (plain gate, no tanh)."""
     return torch.cat(
-        [x[:, :n_visual] + visual_gate * out[:, :n_visual], x[:, n_visual:] + text_gate * out[:, n_visual:]], dim=1
+        [x[:, :n_visual] + visual_gate * out[:, :n_visual], x[:, n_visual:] + text_gate * out[:, n_visual:]],
+        dim=1,
     )
 
 

@@ -35,7 +35,17 @@ def encode_mp4(
             wav = Path(tmp) / "audio.wav"
             write_wav(wav, audio, sample_rate)
             cmd += ["-i", str(wav), "-c:a", "aac", "-shortest"]
-        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-movflags", "+faststart", str(out)]
+        cmd += [
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-crf",
+            str(CRF),
+            "-movflags",
+            "+faststart",
+            str(out),
+        ]
         result = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
         if result.returncode != 0:
             raise RuntimeError(f"ffmpeg failed to encode {f} frames: {result.stderr.decode(errors='replace')}")
@@ -75,8 +85,11 @@ def encode_png(frame: np.ndarray) -> bytes:
 
     rows = np.concatenate([np.zeros((h, 1), np.uint8), frame.reshape(h, w * 3)], axis=1)  # filter byte 0 per row
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + chunk(b"IEND", b"")
     )
 
 

@@ -1,0 +1,118 @@
+"""`k4serve` command line: generate in process, serve over Triton, request from a server."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from k4serve.pipelines.t2v import MAX_SEED, PIPELINE_PRESETS, SUPPORTED_SIZES, RequestError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'384x672' (height x width) -> (384, 672)."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        allowed = ", ".join(f"{h}x{w}" for h, w in SUPPORTED_SIZES)
+        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, one of: {allowed}") from None
+    return height, width
+
+
+def parse_device(text: str) -> str | dict[str, str]:
+    """'cuda' or a per-component map 'text_encoder=cuda:1,dit=cuda:0,vae=cuda:1'."""
+    if "=" not in text:
+        return text
+    try:
+        return dict(item.split("=", 1) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("device map must read text_encoder=DEV,dit=DEV,vae=DEV") from None
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="text description of the video")
+    parser.add_argument("-o", "--output", default="out.mp4", help="mp4 path (a .png is written for --seconds 0)")
+    parser.add_argument("--seconds", type=int, default=12, help="duration, 0..12 (0: a single image)")
+    parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH, e.g. 384x672")
+    parser.add_argument("--seed", type=int, default=None, help="noise seed (random if absent; printed)")
+    parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="tiny")
+    parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
+    parser.add_argument("--device", type=parse_device, default="cpu", help="cuda, cpu, or a per-component map")
+    parser.add_argument("--engine", choices=("eager", "fast"), default="eager")
+    parser.add_argument("--attention", choices=("sdpa", "triton", "triton-fp8"), default="sdpa")
+    parser.add_argument("--linear", choices=("bf16", "fp8"), default="bf16")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline, validate_request
+    from k4serve.pipelines.video_io import write_output
+
+    height, width = args.size
+    seed = random.randint(0, MAX_SEED) if args.seed is None else args.seed
+    validate_request(args.prompt, height, width, args.seconds, seed)  # fail before loading anything
+    settings = PipelineSettings(
+        preset=args.preset,
+        weights=args.weights,
+        device=args.device,
+        engine=args.engine,
+        attention=args.attention,
+        linear=args.linear,
+    )
+    started = time.perf_counter()
+    pipeline = T2VPipeline.from_settings(settings)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.setdefault(stage, tqdm(total=total, desc=f"{stage:>12}", unit="step", leave=True))
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    frames = pipeline(args.prompt, height, width, args.seconds, seed, progress)
+    output = Path(args.output)
+    if args.seconds == 0 and output.suffix != ".png":
+        output = output.with_suffix(".png")
+    write_output(output, frames)
+    print(
+        f"wrote {output} ({len(frames)} frames, {height}x{width}, seed {seed}) in {time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k4serve", description="Kandinsky 4.0 T2V Flash serving engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_arguments(commands.add_parser("generate", help="prompt -> mp4, in this process"))
+    try:
+        from k4serve.client.cli import add_request_arguments
+        from k4serve.serving.cli import add_serve_arguments
+    except ImportError:  # serving extras not installed: generate still works
+        return parser
+    add_serve_arguments(commands.add_parser("serve", help="run tritonserver on the model repository"))
+    add_request_arguments(commands.add_parser("request", help="send a prompt to a running server"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "serve":
+            from k4serve.serving.cli import run_serve
+
+            return run_serve(args)
+        from k4serve.client.cli import run_request
+
+        return run_request(args)
+    except (RequestError, OSError, ValueError) as error:  # CheckpointError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

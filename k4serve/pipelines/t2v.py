@@ -1,0 +1,257 @@
+"""Text -> video in process: T5 encoder -> DiT (4 Flash steps) -> CogVideoX VAE decoder -> uint8 frames.
+
+Every numeric step mirrors the official `Kandinsky4T2VPipeline`: the seeded CPU noise, the float64 sampler
+arithmetic, the DiT under bf16 autocast on the GPU, `(1 / scaling_factor) * latents` in the VAE dtype, and the
+truncating float -> uint8 conversion of its video writer. So a seed reproduces the official video.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from k4serve.models.cogvideox_vae import build_cogvideox_decoder, load_cogvideox_decoder
+from k4serve.models.dit import DiffusionTransformer3D, build_dit
+from k4serve.models.schedulers import FlashSampler, ScheduleConfig
+from k4serve.models.t5 import T5TextEncoder
+
+SUPPORTED_SIZES: tuple[tuple[int, int], ...] = (
+    (512, 512), (352, 736), (736, 352), (384, 672), (672, 384), (480, 544), (544, 480),
+)  # fmt: skip
+MAX_SECONDS = 12
+MAX_PROMPT_CHARS = 2000  # T5 keeps 224 tokens (~900 characters); anything far longer is a client mistake
+MAX_SEED = 2**63 - 1
+LATENT_CHANNELS = 16
+DIT_CHECKPOINT_NAMES = ("kandinsky4_distil_512.pt", "kandinsky4_distil_512.safetensors")
+
+# Which model preset each pipeline preset uses, per component.
+PIPELINE_PRESETS: dict[str, dict[str, str]] = {
+    "tiny": {"dit": "tiny", "text_encoder": "tiny", "vae": "tiny"},
+    "flash-512": {"dit": "flash-512", "text_encoder": "xxl", "vae": "cogvideox-5b"},
+}
+COMPONENTS = ("text_encoder", "dit", "vae")
+
+
+class RequestError(ValueError):
+    """A request the model cannot serve; the message says what is allowed."""
+
+
+def validate_request(prompt: str, height: int, width: int, seconds: int, seed: int | None = None) -> None:
+    """Raise RequestError naming the fix for anything the official model does not support."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError("prompt is empty: give a text description of the video")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(
+            f"prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted "
+            "(the text encoder keeps only the first 224 tokens)"
+        )
+    if (height, width) not in SUPPORTED_SIZES:
+        allowed = ", ".join(f"{h}x{w}" for h, w in SUPPORTED_SIZES)
+        raise RequestError(f"size {height}x{width} (height x width) is not supported; use one of: {allowed}")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= MAX_SECONDS:
+        raise RequestError(f"seconds must be a whole number from 0 to {MAX_SECONDS} (0 gives an image), got {seconds}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"seed must be from 0 to 2**63-1, got {seed}")
+
+
+def num_latent_frames(seconds: int) -> int:
+    """Latent frames: 1 for an image, else 2 * seconds + 1 (official `time_length * 8 // 4 + 1`)."""
+    return 1 if seconds == 0 else seconds * 8 // 4 + 1
+
+
+def num_frames(seconds: int) -> int:
+    """Pixel frames at 8 fps: 1 for an image, else 8 * seconds + 1."""
+    return 4 * (num_latent_frames(seconds) - 1) + 1
+
+
+def latent_shape(height: int, width: int, seconds: int) -> tuple[int, int, int, int]:
+    """(T, H/8, W/8, 16), channel-last as the DiT and the noise use it."""
+    return num_latent_frames(seconds), height // 8, width // 8, LATENT_CHANNELS
+
+
+def run_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on the GPU (as the official run), float32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@dataclass
+class PipelineSettings:
+    """Where and how the pipeline runs. `device` is one device or a map per component."""
+
+    preset: str = "tiny"
+    weights: str | None = None
+    device: str | dict[str, str] = "cpu"
+    engine: str = "eager"  # eager | fast (k4serve.engines: fused kernels, CUDA graphs)
+    attention: str = "sdpa"  # fast engine: sdpa | triton | triton-fp8
+    linear: str = "bf16"  # fast engine: bf16 | fp8
+    seed: int = 0  # random-weight seed when no weights are given
+    extra: dict = field(default_factory=dict)
+
+    def device_map(self) -> dict[str, str]:
+        """The device of each component."""
+        if isinstance(self.device, dict):
+            missing = [c for c in COMPONENTS if c not in self.device]
+            if missing:
+                raise ValueError(f"device map lacks {missing}; give a device for each of {list(COMPONENTS)}")
+            return dict(self.device)
+        return dict.fromkeys(COMPONENTS, self.device)
+
+
+def _weights_paths(weights: str | Path) -> dict[str, Path]:
+    """The official files inside a weights directory, checked before anything is loaded."""
+    root = Path(weights)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"weights directory not found: {root}. Expected {DIT_CHECKPOINT_NAMES[0]}, vae/, text_encoder/, "
+            "tokenizer/ (see README: 'Official weights')"
+        )
+    dit = next((root / name for name in DIT_CHECKPOINT_NAMES if (root / name).is_file()), None)
+    if dit is None:
+        raise FileNotFoundError(f"no DiT checkpoint in {root}: expected {' or '.join(DIT_CHECKPOINT_NAMES)}")
+    return {
+        "dit": dit,
+        "vae": root / "vae",
+        "text_encoder": root / "text_encoder",
+        "tokenizer": root / "tokenizer",
+        "scheduler": root / "scheduler" / "scheduler_config.json",
+    }
+
+
+class T2VPipeline:
+    def __init__(self, text_encoder: T5TextEncoder, dit: DiffusionTransformer3D, vae, vae_config, settings):
+        self.text_encoder = text_encoder
+        self.dit = dit
+        self.vae = vae
+        self.vae_config = vae_config
+        self.settings = settings
+        self.devices = settings.device_map()
+        self.sampler = FlashSampler(self._schedule_config())
+        self.denoiser = self._make_denoiser()
+
+    def _schedule_config(self) -> ScheduleConfig:
+        if self.settings.weights is not None:
+            path = _weights_paths(self.settings.weights)["scheduler"]
+            if path.is_file():
+                return ScheduleConfig.from_json(path)
+        return ScheduleConfig()
+
+    @classmethod
+    def from_settings(cls, settings: PipelineSettings) -> T2VPipeline:
+        """Build every component on its device: official weights from `settings.weights`, else random."""
+        if settings.preset not in PIPELINE_PRESETS:
+            raise ValueError(f"unknown preset {settings.preset!r}; choose one of {sorted(PIPELINE_PRESETS)}")
+        presets, devices = PIPELINE_PRESETS[settings.preset], settings.device_map()
+        dtypes = {c: run_dtype(d) for c, d in devices.items()}
+        if settings.weights is not None:
+            # The DiT first: its strict key check is the cheapest way to catch a wrong or mixed-up directory.
+            paths = _weights_paths(settings.weights)
+            dit = build_dit(presets["dit"], devices["dit"], dtypes["dit"], weights=paths["dit"])
+            vae, vae_config = load_cogvideox_decoder(paths["vae"], devices["vae"], dtypes["vae"])
+            text_encoder = T5TextEncoder.from_pretrained(
+                paths["text_encoder"], paths["tokenizer"], devices["text_encoder"], dtypes["text_encoder"]
+            )
+        else:
+            dit = build_dit(presets["dit"], devices["dit"], dtypes["dit"], seed=settings.seed)
+            vae, vae_config = build_cogvideox_decoder(presets["vae"], devices["vae"], dtypes["vae"], settings.seed)
+            text_encoder = T5TextEncoder.from_preset(
+                presets["text_encoder"], devices["text_encoder"], dtypes["text_encoder"]
+            )
+        if text_encoder.dim != dit.config.in_text_dim:
+            raise ValueError(
+                f"text encoder width {text_encoder.dim} != DiT in_text_dim {dit.config.in_text_dim}: "
+                "the weights directory mixes models of different presets"
+            )
+        return cls(text_encoder, dit, vae, vae_config, settings)
+
+    def _make_denoiser(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """(x_t, text_embed, time) -> velocity through the configured engine."""
+        if self.settings.engine == "fast":
+            from k4serve.engines.torch import FastDiT
+
+            return FastDiT.from_module(self.dit, attention=self.settings.attention, linear=self.settings.linear)
+        if self.settings.engine != "eager":
+            raise ValueError(f"unknown engine {self.settings.engine!r}; choose 'eager' or 'fast'")
+        device = torch.device(self.devices["dit"])
+
+        def eager(x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
+            # The official DiT runs under bf16 autocast on the GPU; float32 on the CPU needs none.
+            autocast = (
+                torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+            )
+            with autocast:
+                return self.dit(x, text_embed, time)
+
+        return eager
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> Tensor:
+        """prompt -> text embedding [224, text_dim] in the run dtype."""
+        return self.text_encoder(prompt).to(run_dtype(self.devices["text_encoder"]))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embed: Tensor,
+        height: int,
+        width: int,
+        seconds: int,
+        seed: int | list[int],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """Text embeddings ([224, D] or a batch [B, 224, D]) -> x0 latents [(B,) T, H/8, W/8, 16] (run dtype).
+
+        A batch shares one size; sample b draws its noise from its own seed, so each equals its solo run up to
+        the rounding of batched matrix products.
+        """
+        validate_request("-", height, width, seconds)
+        single = text_embed.dim() == 2
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        device, dtype = torch.device(self.devices["dit"]), run_dtype(self.devices["dit"])
+        text = (text_embed[None] if single else text_embed).to(device=device, dtype=dtype)
+        if len(seeds) != text.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {text.shape[0]} prompts")
+        latents = self.sampler(
+            lambda x, time: self.denoiser(x, text, time),
+            latent_shape(height, width, seconds),
+            seeds,
+            device,
+            dtype,
+            progress,
+        ).to(dtype)  # official: the float64 x0 is cast to bf16 before the VAE
+        return latents[0] if single else latents
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """x0 latents [T, H/8, W/8, 16] -> uint8 frames [4(T-1)+1, H, W, 3]."""
+        device, dtype = torch.device(self.devices["vae"]), run_dtype(self.devices["vae"])
+        z = latents.to(device=device, dtype=dtype)
+        z = (1.0 / self.vae_config.scaling_factor) * z  # in the VAE dtype, in the official order
+        video = self.vae.decode(z.permute(3, 0, 1, 2)[None])[0].float()  # [3, F, H, W] in [-1, 1]
+        video = torch.clip((video + 1.0) / 2.0, 0.0, 1.0)
+        # 255 * x truncated toward zero: the official writer's float -> uint8 cast.
+        return (255.0 * video.permute(1, 2, 3, 0).cpu().numpy()).astype(np.uint8)
+
+    def __call__(
+        self,
+        prompt: str,
+        height: int = 384,
+        width: int = 672,
+        seconds: int = 12,
+        seed: int = 0,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> np.ndarray:
+        """prompt -> uint8 frames [F, H, W, 3]; progress(stage, done, total) after each stage step."""
+        validate_request(prompt, height, width, seconds, seed)
+        report = progress or (lambda stage, done, total: None)
+        text_embed = self.encode_prompt(prompt)
+        report("text_encoder", 1, 1)
+        latents = self.sample(text_embed, height, width, seconds, seed, lambda done, total: report("dit", done, total))
+        frames = self.decode(latents)
+        report("vae", 1, 1)
+        return frames
