@@ -183,9 +183,7 @@ def wait_ready(url: str, server: subprocess.Popen, timeout_s: float) -> None:
         except Exception:  # not listening yet
             pass
         time.sleep(2.0)
-    raise SystemExit(
-        f"the server was not ready after {timeout_s:.0f} s: raise --ready-timeout or read its log"
-    )
+    raise SystemExit(f"the server was not ready after {timeout_s:.0f} s: raise --ready-timeout or read its log")
 
 
 def run_throughput(args: argparse.Namespace, gpus: int) -> float:
@@ -203,9 +201,7 @@ def run_throughput(args: argparse.Namespace, gpus: int) -> float:
         def infer(_: int) -> None:
             if not hasattr(local, "client"):
                 local.client = grpcclient.InferenceServerClient(args.url)
-            local.client.infer(
-                args.model, request_inputs(metadata, values), client_timeout=args.request_timeout
-            )
+            local.client.infer(args.model, request_inputs(metadata, values), client_timeout=args.request_timeout)
 
         concurrency = args.concurrency_per_gpu * gpus
         videos = args.videos_per_gpu * gpus
@@ -268,9 +264,7 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
         return text
 
     cuda = args.device_type == "cuda"
-    device, numerics = (
-        (torch.cuda.get_device_name(0), "bf16 autocast") if cuda else ("CPU smoke test", "fp32")
-    )
+    device, numerics = (torch.cuda.get_device_name(0), "bf16 autocast") if cuda else ("CPU smoke test", "fp32")
     height, width = args.size
     lines = [
         f"## Multi-GPU scaling — {datetime.date.today()}, commit {git_commit()}",
@@ -331,13 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--warmup", type=int, default=2, help="untimed DiT steps first")
         sub.add_argument("--repeats", type=int, default=10, help="timed DiT steps (median reported)")
         sub.add_argument("--e2e-repeats", type=int, default=3, help="timed end-to-end runs (median)")
-        sub.add_argument(
-            "--device-type", choices=("cuda", "cpu"), default="cuda", help="cpu: gloo smoke test"
-        )
+        sub.add_argument("--device-type", choices=("cuda", "cpu"), default="cuda", help="cpu: gloo smoke test")
     for sub in (table, throughput):
-        sub.add_argument(
-            "--server-cmd", default="k4serve serve", help="starts Triton on the model repository"
-        )
+        sub.add_argument("--server-cmd", default="k4serve serve", help="starts Triton on the model repository")
         sub.add_argument("--url", default="localhost:8001", help="the server's gRPC address")
         sub.add_argument("--model", default="t2v", help="the model (ensemble) to request")
         sub.add_argument("--request", default=json.dumps(DEFAULT_REQUEST), help="JSON: input name -> value")

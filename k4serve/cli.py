@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from k4serve.engines.base import ATTENTION, LINEAR
 from k4serve.pipelines.t2v import MAX_SEED, PIPELINE_PRESETS, SUPPORTED_SIZES, RequestError
 
 
@@ -43,8 +44,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
     parser.add_argument("--device", type=parse_device, default="cpu", help="cuda, cpu, or a per-component map")
     parser.add_argument("--engine", choices=("eager", "fast"), default="eager")
-    parser.add_argument("--attention", choices=("sdpa", "triton", "triton-fp8"), default="sdpa")
-    parser.add_argument("--linear", choices=("bf16", "fp8"), default="bf16")
+    parser.add_argument("--attention", choices=ATTENTION, default="sdpa")
+    parser.add_argument("--linear", choices=LINEAR, default="bf16")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -40,9 +40,7 @@ def test_deployment_runs_triton_on_all_gpus_of_a_host():
     (deployment,) = by_kind("Deployment")
     spec = deployment["spec"]
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
-    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ]
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["topologyKey"] == "kubernetes.io/hostname"  # one pod per GPU host
     container = triton_container()
     assert container["command"][0] == "tritonserver"
@@ -72,9 +70,7 @@ def test_volumes_resolve():
     for mount in triton_container()["volumeMounts"]:
         assert mount["name"] in volumes, f"volumeMount {mount['name']} has no volume"
     claims = {
-        volume["persistentVolumeClaim"]["claimName"]
-        for volume in volumes.values()
-        if "persistentVolumeClaim" in volume
+        volume["persistentVolumeClaim"]["claimName"] for volume in volumes.values() if "persistentVolumeClaim" in volume
     }
     assert claims <= {claim["metadata"]["name"] for claim in by_kind("PersistentVolumeClaim")}
     shm = next(mount for mount in triton_container()["volumeMounts"] if mount["mountPath"] == "/dev/shm")

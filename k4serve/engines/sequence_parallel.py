@@ -41,9 +41,7 @@ def heads_per_rank(num_heads: int, world_size: int) -> int:
     return num_heads // world_size
 
 
-def all_to_all(
-    x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup | None = None
-) -> Tensor:
+def all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup | None = None) -> Tensor:
     """Split x into world-size chunks along scatter_dim, send chunk i to rank i, concatenate what arrives
     (in rank order) along gather_dim."""
     world_size = dist.get_world_size(group)
@@ -86,9 +84,7 @@ class UlyssesAttention:
         qkv = torch.stack([q[:, :n_local], k[:, :n_local], v[:, :n_local]])  # [3, B, n_local, H, d]
         qkv = all_to_all(qkv, scatter_dim=3, gather_dim=2, group=group)[:, :, :n_visual]  # [3, B, N, H/W, d]
         # 2. text q, k, v are replicated: each rank keeps its own heads, so each appears once
-        q, k, v = (
-            torch.cat([vis, t[:, n_local:, mine]], dim=1) for vis, t in zip(qkv, (q, k, v), strict=True)
-        )
+        q, k, v = (torch.cat([vis, t[:, n_local:, mine]], dim=1) for vis, t in zip(qkv, (q, k, v), strict=True))
         # 3. joint attention over [all visual ; text] with this rank's heads   [B, N + L, H/W, d]
         out = self.inner(q, k, v)
         # 4. back: visual rows re-padded, heads traded for tokens; text heads gathered from every rank

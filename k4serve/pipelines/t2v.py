@@ -142,27 +142,33 @@ class T2VPipeline:
         return ScheduleConfig()
 
     @classmethod
-    def from_settings(cls, settings: PipelineSettings) -> T2VPipeline:
-        """Build every component on its device: official weights from `settings.weights`, else random."""
+    def from_settings(cls, settings: PipelineSettings, components: tuple[str, ...] = COMPONENTS) -> T2VPipeline:
+        """Build `components` (default: all) on their devices: official weights from `settings.weights`, else
+        random. A serving stage builds only its own component; the others stay None."""
         if settings.preset not in PIPELINE_PRESETS:
             raise ValueError(f"unknown preset {settings.preset!r}; choose one of {sorted(PIPELINE_PRESETS)}")
         presets, devices = PIPELINE_PRESETS[settings.preset], settings.device_map()
         dtypes = {c: run_dtype(d) for c, d in devices.items()}
-        if settings.weights is not None:
-            # The DiT first: its strict key check is the cheapest way to catch a wrong or mixed-up directory.
-            paths = _weights_paths(settings.weights)
-            dit = build_dit(presets["dit"], devices["dit"], dtypes["dit"], weights=paths["dit"])
-            vae, vae_config = load_cogvideox_decoder(paths["vae"], devices["vae"], dtypes["vae"])
-            text_encoder = T5TextEncoder.from_pretrained(
-                paths["text_encoder"], paths["tokenizer"], devices["text_encoder"], dtypes["text_encoder"]
+        paths = _weights_paths(settings.weights) if settings.weights is not None else None
+        text_encoder = dit = vae = vae_config = None
+        # The DiT first: its strict key check is the cheapest way to catch a wrong or mixed-up weights directory.
+        if "dit" in components:
+            source = {"weights": paths["dit"]} if paths else {"seed": settings.seed}
+            dit = build_dit(presets["dit"], devices["dit"], dtypes["dit"], **source)
+        if "vae" in components:
+            vae, vae_config = (
+                load_cogvideox_decoder(paths["vae"], devices["vae"], dtypes["vae"])
+                if paths
+                else build_cogvideox_decoder(presets["vae"], devices["vae"], dtypes["vae"], settings.seed)
             )
-        else:
-            dit = build_dit(presets["dit"], devices["dit"], dtypes["dit"], seed=settings.seed)
-            vae, vae_config = build_cogvideox_decoder(presets["vae"], devices["vae"], dtypes["vae"], settings.seed)
-            text_encoder = T5TextEncoder.from_preset(
-                presets["text_encoder"], devices["text_encoder"], dtypes["text_encoder"]
+        if "text_encoder" in components:
+            device, dtype = devices["text_encoder"], dtypes["text_encoder"]
+            text_encoder = (
+                T5TextEncoder.from_pretrained(paths["text_encoder"], paths["tokenizer"], device, dtype)
+                if paths
+                else T5TextEncoder.from_preset(presets["text_encoder"], device, dtype)
             )
-        if text_encoder.dim != dit.config.in_text_dim:
+        if text_encoder is not None and dit is not None and text_encoder.dim != dit.config.in_text_dim:
             raise ValueError(
                 f"text encoder width {text_encoder.dim} != DiT in_text_dim {dit.config.in_text_dim}: "
                 "the weights directory mixes models of different presets"
@@ -170,7 +176,9 @@ class T2VPipeline:
         return cls(text_encoder, dit, vae, vae_config, settings)
 
     def _make_denoiser(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """(x_t, text_embed, time) -> velocity through the configured engine."""
+        """(x_t, text_embed, time) -> velocity through the configured engine (None without a DiT)."""
+        if self.dit is None:
+            return None
         if self.settings.engine == "fast":
             from k4serve.engines.torch import FastDiT
 

@@ -1,0 +1,98 @@
+"""End-to-end T2V on one GPU: per-stage time and peak memory of the in-process pipeline, full size, random weights.
+
+    python benchmarks/pipeline.py --seconds 12 --size 384x672 --engines eager fast-bf16 fast-fp8
+
+Stages: T5 encode, the 4 DiT steps, the VAE decode (97 frames at 12 s), the H.264 encode. Each engine is warmed
+up once, then timed `--repeat` times; medians are printed and appended to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from k4serve.cli import parse_size
+from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline
+from k4serve.pipelines.video_io import encode_mp4
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# name -> (engine, attention, linear) of PipelineSettings
+ENGINES = {
+    "eager": ("eager", "sdpa", "bf16"),
+    "fast-bf16": ("fast", "triton", "bf16"),
+    "fast-fp8": ("fast", "triton-fp8", "fp8-fast"),
+}
+
+
+def timed(fn):
+    """(result, seconds) of fn() with the GPU drained before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def run_once(pipeline: T2VPipeline, height: int, width: int, seconds: int, seed: int) -> dict[str, float]:
+    """Seconds per stage for one prompt."""
+    text, t_text = timed(lambda: pipeline.encode_prompt("a red fox running through fresh snow, golden hour"))
+    latents, t_dit = timed(lambda: pipeline.sample(text, height, width, seconds, seed))
+    frames, t_vae = timed(lambda: pipeline.decode(latents))
+    _, t_mp4 = timed(lambda: encode_mp4(frames))
+    return {"t5": t_text, "dit": t_dit, "vae": t_vae, "mp4": t_mp4}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=12)
+    parser.add_argument("--size", type=parse_size, default=(384, 672))
+    parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=list(ENGINES))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    height, width = args.size
+
+    rows = []
+    for name in args.engines:
+        engine, attention, linear = ENGINES[name]
+        settings = PipelineSettings(
+            preset="flash-512", device="cuda", engine=engine, attention=attention, linear=linear
+        )
+        pipeline = T2VPipeline.from_settings(settings)
+        run_once(pipeline, height, width, args.seconds, seed=0)  # warm-up: kernels, autotuning, graphs
+        torch.cuda.reset_peak_memory_stats()
+        runs = [run_once(pipeline, height, width, args.seconds, seed=i) for i in range(args.repeat)]
+        median = {stage: statistics.median(run[stage] for run in runs) for stage in runs[0]}
+        median["total"] = statistics.median(sum(run.values()) for run in runs)
+        rows.append((f"{name} ({attention}, {linear})", median, torch.cuda.max_memory_allocated() / 2**30))
+        del pipeline
+        torch.cuda.empty_cache()
+
+    header = "| engine | T5 s | DiT 4 steps s | VAE s | mp4 s | total s | peak GiB |\n|---|---|---|---|---|---|---|"
+    stages = ("t5", "dit", "vae", "mp4", "total")
+    lines = [
+        f"| {label} | " + " | ".join(f"{m[s]:.3f}" for s in stages) + f" | {peak:.1f} |" for label, m, peak in rows
+    ]
+    table = "\n".join([header, *lines])
+    print(table)
+    if not args.no_write:
+        command = "python benchmarks/pipeline.py " + " ".join(
+            [f"--seconds {args.seconds}", f"--size {height}x{width}", "--engines", *args.engines]
+        )
+        device = torch.cuda.get_device_name()
+        heading = f"\n## End-to-end pipeline, {args.seconds} s {height}x{width}, random weights\n"
+        meta = (
+            f"{datetime.date.today()} · {device} · torch {torch.__version__} · `{command}` · "
+            f"median of {args.repeat} after a warm-up\n\n"
+        )
+        with RESULTS.open("a") as out:
+            out.write(heading + meta + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

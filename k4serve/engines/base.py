@@ -1,0 +1,31 @@
+"""The engine interface: a component prepared once for a set of static shapes, then called on tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+Shape = tuple[int, ...]
+
+# Options of the fast DiT engine (k4serve.engines.torch.FastDiT), here so CLIs can list them without importing triton.
+ATTENTION = ("sdpa", "triton", "triton-fp8")
+LINEAR = ("bf16", "fp8", "fp8-fast")  # fp8-fast: fp8 GEMMs with Hopper's fast (unpromoted) accumulation
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the pipelines and the Triton stages call: `load` per static shape (warm-up, tuning, capture),
+    then `__call__` with the component's own input contract. A shape not loaded is prepared on first use."""
+
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        """The static input shapes prepared so far (the first input's shape identifies a bucket)."""
+        ...
+
+    def load(self, shapes: Sequence[Shape]) -> None:
+        """Prepare every bucket in `shapes` ahead of the first request."""
+        ...
+
+    def __call__(self, *inputs: Tensor) -> Tensor: ...

@@ -1,0 +1,217 @@
+"""The fast DiT engine: the reference module's weights, fused Triton kernels, CUDA graphs per bucket.
+
+`FastDiT.from_module(dit, attention=..., linear=...)` reads a `DiffusionTransformer3D`'s parameters (bf16
+linears are shared, fp8 ones quantized once) and runs its own forward with the same contract as
+`DiffusionTransformer3D.forward`. Per block the work is 4 GEMMs plus 5 fused passes:
+  norm+modulate → QKV GEMM → QK-norm+RoPE(+fp8 pack) → attention → out GEMM
+  → gated add+norm+modulate → FF1 GEMM → GELU(+fp8 quant) → FF2 GEMM → gated add+next norm+modulate.
+All 42 blocks' modulations come from the time embedding alone, so they are computed up front. Each
+(latent shape, text shape) bucket is warmed up (kernel tuning included) and captured as one CUDA graph on
+its first use, or ahead of time through `load`; a call then copies the inputs in and replays the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from k4serve.engines.base import ATTENTION, LINEAR, Shape
+from k4serve.export.quantize import Fp8Linear
+from k4serve.kernels import attention as attn
+from k4serve.kernels.gelu_quant import gelu, quantize_rows
+from k4serve.kernels.norm_modulate import norm_modulate
+from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8
+from k4serve.models.dit import DiffusionTransformer3D, TransformerBlock
+
+TEXT_LEN = 224  # T5 max_length: the text shape of every bucket the pipelines serve
+
+
+def _norm(layer: nn.LayerNorm) -> tuple[Tensor, Tensor]:
+    return layer.weight, layer.bias
+
+
+def _project(layer: nn.Module, x: Tensor, x_scale: Tensor | None) -> Tensor:
+    """Apply a bf16 nn.Linear, or an Fp8Linear to an e4m3 input with its per-token scale."""
+    return layer(x) if x_scale is None else layer(x, x_scale)
+
+
+def _linear(layer: nn.Linear, kind: str) -> nn.Module:
+    """The module's own bf16 linear (shared, no copy), or its fp8 quantization (made once, here)."""
+    return layer if kind == "bf16" else Fp8Linear.from_linear(layer, fast_accum=kind == "fp8-fast")
+
+
+@dataclass
+class _Block:
+    """One transformer block's weights as the fast forward uses them."""
+
+    source: TransformerBlock
+    qkv: nn.Module
+    out: nn.Module
+    ff_in: nn.Module
+    ff_out: nn.Module
+
+    @classmethod
+    def wrap(cls, block: TransformerBlock, kind: str) -> _Block:
+        attention, ff = block.self_attention, block.feed_forward
+        layers = (attention.to_query_key_value, attention.output_layer, ff.in_layer, ff.out_layer)
+        return cls(block, *(_linear(layer, kind) for layer in layers))
+
+    def modulations(self, time_act: Tensor) -> Tensor:
+        """[B, 2 streams, 6, D]: attn (shift, 1+scale, gate), ff (shift, 1+scale, gate) per stream."""
+        streams = (self.source.visual_modulation, self.source.text_modulation)
+        mods = torch.stack([F.linear(time_act, m.out_layer.weight, m.out_layer.bias) for m in streams], dim=1)
+        mods = mods.unflatten(2, (6, -1))
+        mods[:, :, 1::3] += 1.0  # scale + 1 in the model dtype, rounded as the reference does
+        return mods
+
+
+class FastDiT:
+    """Fused-kernel DiT forward over a reference module's weights; see the module docstring."""
+
+    def __init__(self, dit: DiffusionTransformer3D, attention: str = "triton", linear: str = "bf16",
+                 cuda_graphs: bool = True):  # fmt: skip
+        if attention not in ATTENTION or linear not in LINEAR:
+            raise ValueError(f"attention must be one of {ATTENTION} and linear one of {LINEAR}; "
+                             f"got {attention!r}, {linear!r}")  # fmt: skip
+        self.dit = dit
+        self.config = dit.config
+        self.attention = attention
+        self.fp8_linear = linear != "bf16"
+        self.device = next(dit.parameters()).device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.blocks = [_Block.wrap(block, linear) for block in dit.blocks()]
+        self._rope: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+        # (x shape, text shape) -> (graph, static inputs, static output), or None when running without graphs
+        self._buckets: dict[tuple[Shape, Shape], tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor] | None] = {}
+        # one memory pool for every bucket's graph: only one replays at a time, so their scratch can overlap
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    @classmethod
+    def from_module(cls, dit: DiffusionTransformer3D, attention: str = "triton", linear: str = "bf16",
+                    cuda_graphs: bool = True) -> FastDiT:  # fmt: skip
+        """Wrap a built DiT (its dtype and device); fp8 linears are quantized here, once."""
+        return cls(dit, attention, linear, cuda_graphs)
+
+    # ---- the Engine interface ----
+
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        return tuple(x_shape for x_shape, _ in self._buckets)
+
+    def load(self, shapes: Sequence[Shape], text_len: int = TEXT_LEN) -> None:
+        """Prepare each latent shape [B, T, H/8, W/8, C] (text [B, text_len, in_text_dim]) before first use."""
+        for shape in shapes:
+            self._prepare(tuple(shape), (shape[0], text_len, self.config.in_text_dim))
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
+        """x [B, T, H/8, W/8, 16], text_embed [B, L, in_text_dim], time [B] -> velocity, like the module."""
+        key = (tuple(x.shape), tuple(text_embed.shape))
+        if key not in self._buckets:
+            self._prepare(*key)
+        if self._buckets[key] is None:
+            return self.forward(x, text_embed, time)
+        graph, inputs, out = self._buckets[key]
+        for static, given in zip(inputs, (x, text_embed, time), strict=True):
+            static.copy_(given)
+        graph.replay()
+        return out.clone()  # the static buffer is overwritten by the next replay
+
+    @torch.no_grad()
+    def _prepare(self, x_shape: Shape, text_shape: Shape) -> None:
+        """Tune the attention kernel for this bucket, then (CUDA) warm up and capture its graph."""
+        self._tune(x_shape, text_shape[1])
+        if not self.cuda_graphs:
+            self._buckets[(x_shape, text_shape)] = None
+            return
+        dtype = next(self.dit.parameters()).dtype
+        inputs = (
+            torch.randn(x_shape, device=self.device, dtype=dtype),
+            torch.randn(text_shape, device=self.device, dtype=dtype),
+            torch.full(x_shape[:1], 999, device=self.device, dtype=torch.int64),
+        )
+        stream = torch.cuda.Stream()  # warm-up off the default stream, as graph capture requires
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = self.forward(*inputs)
+        self._buckets[(x_shape, text_shape)] = (graph, inputs, out)
+
+    def _tune(self, x_shape: Shape, text_len: int) -> None:
+        """Pick the attention kernel's tiling for this bucket's sequence length (skipped when cached)."""
+        if not self.attention.startswith("triton") or self.device.type != "cuda":
+            return
+        seq_len = math.prod(self.dit.token_grid(x_shape)) + text_len
+        attn.ensure_tuned(
+            x_shape[0], seq_len, self.config.num_heads, self.config.head_dim, self.attention == "triton-fp8"
+        )
+
+    # ---- the forward ----
+
+    def rope(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        """fp32 cos, sin [N, D/2] of the module's RoPE tables (their model-dtype rounding kept)."""
+        if grid not in self._rope:
+            cos, sin = self.dit.rope_embeddings(grid)
+            self._rope[grid] = (cos.float().flatten(1).contiguous(), sin.float().flatten(1).contiguous())
+        return self._rope[grid]
+
+    def _attention(self, block: _Block, y: Tensor, y_scale: Tensor | None, n_visual: int, rope) -> Tensor:
+        """Joint attention of one block: [B, S, D] normalised input -> [B, S, D] attention output."""
+        b, s, _ = y.shape
+        source = block.source.self_attention
+        heads = self.config.num_heads
+        qkv = _project(block.qkv, y, y_scale)  # [B, S, 3D]
+        norms = (_norm(source.query_norm), _norm(source.key_norm), *rope, n_visual, source.query_norm.eps)
+        if self.attention == "triton-fp8":
+            return attn.flash_attention_fp8(qk_norm_rope_fp8(qkv, heads, *norms), out_dtype=qkv.dtype)
+        q, k, v = qk_norm_rope_(qkv, heads, *norms)  # [B, S, H, Dh] views of qkv
+        if self.attention == "triton":
+            return attn.flash_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+    def forward(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
+        """The fused forward without graphs (what each bucket's graph captures)."""
+        dit, fp8 = self.dit, self.fp8_linear
+        grid = dit.token_grid(x.shape)
+        n_visual = math.prod(grid)
+        # 1. time embedding and every block's modulations                  [B, 2, 6, D] per block
+        time_act = F.silu(dit.time_embeddings(time))
+        mods = [block.modulations(time_act) for block in self.blocks]
+        out_mods = dit.out_layer.modulation_out(time_act).unflatten(1, (2, -1))  # [B, (shift, scale), D]
+        out_mods[:, 1] += 1.0
+        # 2. joint token sequence [visual ; text]                          [B, N + L, D]
+        x = torch.cat([dit.visual_embeddings(x), dit.text_embeddings(text_embed)], dim=1)
+        rope = self.rope(grid)
+        # 3. blocks; each gated add is fused with the next LayerNorm + modulation
+        first = self.blocks[0].source.self_attention_norm
+        y, y_scale = norm_modulate(x, _norm(first), mods[0][:, :, 0], mods[0][:, :, 1], n_visual, fp8=fp8)
+        for i, block in enumerate(self.blocks):
+            m = mods[i]
+            o = self._attention(block, y, y_scale, n_visual, rope)
+            o = _project(block.out, *quantize_rows(o)) if fp8 else block.out(o)
+            y, y_scale = norm_modulate(x, _norm(block.source.feed_forward_norm), m[:, :, 3], m[:, :, 4], n_visual,
+                                       delta=o, gate=m[:, :, 2], fp8=fp8)  # fmt: skip
+            o = _project(block.ff_out, *gelu(_project(block.ff_in, y, y_scale), fp8=fp8))
+            if i + 1 < len(self.blocks):
+                nxt = (_norm(self.blocks[i + 1].source.self_attention_norm), mods[i + 1][:, :, 0], mods[i + 1][:, :, 1])
+                rows, next_fp8 = None, fp8
+            else:  # the out layer: visual rows only, bf16
+                shift, scale1 = (out_mods[:, j : j + 1].expand(-1, 2, -1) for j in (0, 1))  # one stream
+                nxt = (_norm(dit.out_layer.norm), shift, scale1)
+                rows, next_fp8 = n_visual, False
+            y, y_scale = norm_modulate(x, *nxt, n_visual, delta=o, gate=m[:, :, 5], rows=rows, fp8=next_fp8)
+        # 4. out layer and unpatchify: features (c, pt, ph, pw) -> [B, T, H/8, W/8, C]
+        out = dit.out_layer.out_layer(y)
+        (t, h, w), (pt, ph, pw) = grid, self.config.patch_size
+        out = out.view(out.shape[0], t, h, w, -1, pt, ph, pw)
+        return out.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(out.shape[0], t * pt, h * ph, w * pw, -1)

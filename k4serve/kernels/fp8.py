@@ -1,0 +1,21 @@
+"""The e4m3 rounding step shared by the kernels that write fp8 GEMM / attention operands.
+
+Same recipe as `k4serve.export.quantize`: scale = max(amax, 1e-12) / 448 is stored, and the kernel multiplies
+by its reciprocal (one division per row or block, not per element).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fp8_inverse_scale(amax):
+    """(448 / amax, amax / 448) with the all-zero floor of export.quantize."""
+    amax = tl.maximum(amax, 1e-12)
+    return 448.0 / amax, amax / 448.0
+
+
+@triton.jit
+def to_fp8(x, inverse_scale):
+    """x · inverse_scale rounded to e4m3 (saturating at ±448)."""
+    return tl.clamp(x * inverse_scale, -448.0, 448.0).to(tl.float8e4nv)

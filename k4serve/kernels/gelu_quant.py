@@ -1,0 +1,56 @@
+"""Row-wise GELU (exact erf) and per-token fp8 quantization: the input stage of the next linear.
+
+Between the feed-forward GEMMs the GELU is folded into the quantization pass that the fp8 path needs
+anyway (one read of the hidden activations, one e4m3 write); in bf16 it is a single elementwise pass.
+With the GELU off the same kernel is the plain per-token quantizer (attention output -> out projection).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from k4serve.export.quantize import FP8_DTYPE
+from k4serve.kernels.fp8 import fp8_inverse_scale, to_fp8
+
+
+@triton.jit
+def _gelu_quant_kernel(x_ptr, y_ptr, y_scale_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr, GELU: tl.constexpr,
+                       FP8: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if GELU:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    if FP8:
+        inverse, scale = fp8_inverse_scale(tl.max(tl.abs(x), 0))
+        tl.store(y_ptr + row * D + cols, to_fp8(x, inverse), mask=mask)
+        tl.store(y_scale_ptr + row, scale)
+    else:
+        tl.store(y_ptr + row * D + cols, x.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x: Tensor, gelu: bool, fp8: bool) -> tuple[Tensor, Tensor | None]:
+    if not x.is_contiguous():
+        raise ValueError(f"expected a contiguous [..., D] tensor; got strides {tuple(x.stride())}")
+    d = x.shape[-1]
+    y = torch.empty(x.shape, device=x.device, dtype=FP8_DTYPE if fp8 else x.dtype)
+    y_scale = torch.empty(*x.shape[:-1], 1, device=x.device, dtype=torch.float32) if fp8 else None
+    block_d = triton.next_power_of_2(d)
+    _gelu_quant_kernel[(x.numel() // d,)](
+        x, y, y_scale, D=d, BLOCK_D=block_d, GELU=gelu, FP8=fp8, num_warps=min(16, max(1, block_d // 512))
+    )
+    return y, y_scale
+
+
+def gelu(x: Tensor, fp8: bool = False) -> tuple[Tensor, Tensor | None]:
+    """GELU(x) (exact erf form) -> (same dtype, None), or (e4m3, per-row fp32 scale [..., 1]) when fp8."""
+    return _launch(x, gelu=True, fp8=fp8)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row e4m3 quantization of a contiguous [..., D] tensor: (q, fp32 scale [..., 1])."""
+    return _launch(x, gelu=False, fp8=True)

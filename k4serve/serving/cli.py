@@ -1,0 +1,97 @@
+"""`k4serve serve`: run tritonserver on the model repository until Ctrl-C / SIGTERM.
+
+`--once PROMPT` starts the server, sends one request over gRPC, writes the mp4 and stops: the whole path
+(server, ensemble, client) in one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from k4serve.engines.base import ATTENTION, LINEAR
+from k4serve.pipelines.t2v import PIPELINE_PRESETS
+from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, ServerOptions, TritonServer
+
+
+def parse_gpus(text: str) -> list[int]:
+    """'0,1' -> [0, 1]; 'none' -> [] (CPU only)."""
+    if text.lower() == "none":
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("--gpus takes GPU indices like 0,1 or 'none' for CPU only") from None
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `k4serve serve`."""
+    parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=None, help="default: the configs' (tiny)")
+    parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
+    parser.add_argument("--engine", choices=("eager", "fast"), default=None)
+    parser.add_argument("--attention", choices=ATTENTION, default=None)
+    parser.add_argument("--linear", choices=LINEAR, default=None, help="the DiT's linear-layer dtype")
+    parser.add_argument("--gpus", type=parse_gpus, default=None, help="0,1: stages on these GPUs; none: CPU only")
+    parser.add_argument("--model-repository", type=Path, default=REPO_MODEL_REPOSITORY)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="default 8001 (with --once: a free port)")
+    parser.add_argument("--http-port", type=int, default=None, help="default 8000 (with --once: a free port)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="default 8002 (with --once: a free port)")
+    parser.add_argument("--log-file", type=Path, default=None, help="write tritonserver's log here, not to stdout")
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
+    parser.add_argument("--once", metavar="PROMPT", default=None, help="serve one request for PROMPT, then stop")
+    parser.add_argument("-o", "--output", default="out.mp4", help="with --once: where to write the mp4")
+    parser.add_argument("--seconds", type=int, default=2, help="with --once: duration, 0..12")
+
+
+def stage_env(args: argparse.Namespace) -> dict[str, str]:
+    """K4SERVE_* variables for the settings given on the command line (the rest come from config.pbtxt)."""
+    env = {}
+    for key in ("preset", "weights", "engine", "attention", "linear"):
+        value = getattr(args, key)
+        if value is not None:
+            env[f"K4SERVE_{key.upper()}"] = str(Path(value).resolve()) if key == "weights" else value
+    return env
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until interrupted (or for one request with --once); tritonserver's exit code."""
+
+    def port(given: int | None, standard: int) -> int:
+        return given if given is not None else 0 if args.once is not None else standard  # 0: a free port
+
+    options = ServerOptions(
+        model_repository=args.model_repository,
+        host=args.host,
+        grpc_port=port(args.grpc_port, 8001),
+        http_port=port(args.http_port, 8000),
+        metrics_port=port(args.metrics_port, 8002),
+        gpus=args.gpus,
+        env=stage_env(args),
+        log=args.log_file,
+        log_verbose=args.log_verbose,
+    )
+    server = TritonServer(options).start()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda received, frame: server.signal(signal.SIGTERM))
+    try:
+        server.wait_ready()
+        print(
+            f"k4serve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}", flush=True
+        )
+        if args.once is not None:
+            return _serve_once(server, args)
+        return server.wait()
+    finally:
+        server.stop()
+
+
+def _serve_once(server: TritonServer, args: argparse.Namespace) -> int:
+    """`k4serve request --stream` against the server just started."""
+    from k4serve.client.cli import add_request_arguments, run_request
+
+    parser = argparse.ArgumentParser()
+    add_request_arguments(parser)
+    argv = [args.once, "-o", str(args.output), "--url", server.grpc_url, "--seconds", str(args.seconds), "--stream"]
+    return run_request(parser.parse_args(argv))

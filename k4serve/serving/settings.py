@@ -1,0 +1,56 @@
+"""Where a Triton model instance runs and how its pipeline is built: config.pbtxt parameters + environment.
+
+Every stage reads the same keys from its config.pbtxt `parameters`, and `K4SERVE_<KEY>` environment variables
+override them, so one model repository serves the tiny preset on a laptop and the official weights in NGC's
+container (`docker run -e K4SERVE_PRESET=flash-512 -e K4SERVE_WEIGHTS=/weights ...`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+# config.pbtxt parameter -> PipelineSettings field. `linear` is the dtype knob: the DiT's linear layers in
+# bf16 or fp8 on the fast engine; activations follow the device (bf16 on the GPU, float32 on the CPU).
+SETTING_KEYS = ("preset", "weights", "engine", "attention", "linear")
+ENV_PREFIX = "K4SERVE_"
+DEVICE_ENV = "K4SERVE_DEVICE"  # forces every stage onto one device ("cpu", "cuda:1"), whatever Triton chose
+
+
+def instance_device(kind: str, device_id: int | str) -> str:
+    """Triton's `model_instance_kind` / `model_instance_device_id` -> the torch device of this instance."""
+    kind = kind.upper().removeprefix("KIND_")
+    if kind == "CPU":
+        return "cpu"
+    if kind == "GPU":
+        return f"cuda:{int(device_id)}"
+    raise ValueError(
+        f"instance kind {kind!r} is not supported: give the instance_group kind KIND_GPU or KIND_CPU "
+        "(or leave it out: Triton then picks the GPUs when there are any)"
+    )
+
+
+def config_parameters(model_config: Mapping) -> dict[str, str]:
+    """The string parameters of a parsed config.pbtxt (`{"parameters": {key: {"string_value": v}}}`)."""
+    return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+def pipeline_options(model_config: Mapping, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The PipelineSettings keyword arguments a model asks for; K4SERVE_<KEY> in the environment wins."""
+    environ = os.environ if environ is None else environ
+    parameters = config_parameters(model_config)
+    options: dict[str, str | None] = {}
+    for key in SETTING_KEYS:
+        value = environ.get(ENV_PREFIX + key.upper(), parameters.get(key))
+        if value is not None:
+            options[key] = value or None  # an empty string clears the setting (weights "" -> random weights)
+    return options
+
+
+def stage_device(args: Mapping[str, str], environ: Mapping[str, str] | None = None) -> str:
+    """The device of the instance Triton is initializing (`args` of `initialize`), unless K4SERVE_DEVICE says."""
+    environ = os.environ if environ is None else environ
+    override = environ.get(DEVICE_ENV)
+    if override:
+        return override
+    return instance_device(args["model_instance_kind"], args["model_instance_device_id"])

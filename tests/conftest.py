@@ -1,0 +1,40 @@
+"""Shared fixtures: one real tritonserver per test session, on loopback and free ports."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton's first import
+# (torch._dynamo imports it while other test modules are collected): see k4serve/kernels/__init__.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# imageio-ffmpeg starts ffmpeg with preexec_fn (so a plain fork); once a gRPC client has threads in this process,
+# gRPC's fork handlers can hang that child and decode_mp4 fails with "Could not load meta information" (seen
+# here). Without preexec_fn Python spawns ffmpeg with vfork, and without fork support gRPC installs no handlers.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory):
+    """A tritonserver on the repository's model_repository (tiny preset), stopped after the session.
+
+    Its log is written to the session's temp directory and quoted when the server fails to start.
+    """
+    pytest.importorskip("pytriton", reason="tritonserver comes with the serve extra: pip install 'k4serve[serve]'")
+    from k4serve.serving.launcher import ServerOptions, TritonServer
+
+    log = tmp_path_factory.mktemp("tritonserver") / "server.log"
+    # Pin the settings the tests assume, whatever K4SERVE_* the caller's environment holds.
+    env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
+    server = TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)).start()
+    try:
+        server.wait_ready(timeout_s=300)
+        yield server
+    finally:
+        code = server.stop()
+        assert code is not None and server.process.poll() is not None, f"tritonserver still running; log: {log}"
