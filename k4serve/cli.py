@@ -85,14 +85,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from k4serve.client.cli import add_request_arguments
+    from k4serve.serving.cli import add_serve_arguments
+
     parser = argparse.ArgumentParser(prog="k4serve", description="Kandinsky 4.0 T2V Flash serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="prompt -> mp4, in this process"))
-    try:
-        from k4serve.client.cli import add_request_arguments
-        from k4serve.serving.cli import add_serve_arguments
-    except ImportError:  # serving extras not installed: generate still works
-        return parser
     add_serve_arguments(commands.add_parser("serve", help="run tritonserver on the model repository"))
     add_request_arguments(commands.add_parser("request", help="send a prompt to a running server"))
     return parser
@@ -112,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_request(args)
     except (RequestError, OSError, ValueError) as error:  # CheckpointError is a ValueError
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:  # only serve / request import optional packages
+        print(
+            f"error: {error}: `k4serve {args.command}` needs the serve extra: pip install 'k4serve[serve]'",
+            file=sys.stderr,
+        )
         return 2
 
 

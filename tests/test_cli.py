@@ -74,3 +74,14 @@ def test_frames_are_deterministic_for_a_seed(tmp_path):
     c = pipeline("a red fox", 384, 672, 1, seed=6)
     assert a.dtype == np.uint8 and a.shape == (9, 384, 672, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_without_the_serve_extra_generate_works_and_request_names_the_extra(tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.startswith(("tritonclient", "k4serve.client.client"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tritonclient", None)  # as if not installed: importing it raises
+    out = tmp_path / "img.png"
+    assert main(["generate", "a red fox", "-o", str(out), "--seconds", "0", "--size", "512x512"]) == 0
+    assert out.is_file()
+    assert main(["request", "a red fox", "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "pip install 'k4serve[serve]'" in capsys.readouterr().err

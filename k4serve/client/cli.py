@@ -1,4 +1,8 @@
-"""`k4serve request "prompt" -o out.mp4 [--stream]`: send a prompt to a running k4serve server."""
+"""`k4serve request "prompt" -o out.mp4 [--stream]`: send a prompt to a running k4serve server.
+
+The arguments are defined without tritonclient, so `k4serve --help` and `k4serve generate` work without the
+`serve` extra; running a request imports the client.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
-from tritonclient.utils import InferenceServerException
 
 from k4serve.cli import parse_size
-from k4serve.client.client import DEFAULT_URL, Progress, T2VClient, Video, VideoRequest
+from k4serve.client import DEFAULT_URL
+
+if TYPE_CHECKING:
+    from k4serve.client.client import T2VClient, Video, VideoRequest
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +36,10 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_request(args: argparse.Namespace) -> int:
     """Send one request and write the mp4; 2 if the server refused it."""
+    from tritonclient.utils import InferenceServerException
+
+    from k4serve.client.client import T2VClient, VideoRequest
+
     height, width = args.size
     request = VideoRequest(args.prompt, height, width, args.seconds, args.seed, args.request_id).with_id()
     started = time.perf_counter()
@@ -47,19 +58,15 @@ def run_request(args: argparse.Namespace) -> int:
 
 
 def _stream_with_bars(client: T2VClient, request: VideoRequest) -> Video:
-    """Stream the request, one progress bar per stage."""
+    """Stream the request, one progress bar per stage; the stream's last item is the video."""
+    from k4serve.client.client import Progress
+
     bars: dict[str, tqdm] = {}
     for item in client.stream(request):
-        if isinstance(item, Video):
-            return item
-        bar = _bar(bars, item)
-        bar.update(item.step - bar.n)
-        if item.step == item.steps:
-            bar.close()
-    raise InferenceServerException("the stream ended without a video")
-
-
-def _bar(bars: dict[str, tqdm], event: Progress) -> tqdm:
-    if event.stage not in bars:
-        bars[event.stage] = tqdm(total=event.steps, desc=f"{event.stage:>12}", unit="step")
-    return bars[event.stage]
+        if isinstance(item, Progress):
+            if item.stage not in bars:
+                bars[item.stage] = tqdm(total=item.steps, desc=f"{item.stage:>12}", unit="step")
+            bars[item.stage].update(item.step - bars[item.stage].n)
+            if item.step == item.steps:
+                bars[item.stage].close()
+    return item

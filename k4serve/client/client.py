@@ -12,7 +12,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 
-DEFAULT_URL = "127.0.0.1:8001"
+from k4serve.client import DEFAULT_URL
+
 MODEL = "t2v"
 STREAM_MODEL = "t2v_stream"
 
