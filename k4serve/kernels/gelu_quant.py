@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from k4serve.export.quantize import FP8_DTYPE
-from k4serve.kernels.fp8 import fp8_inverse_scale, to_fp8
+from k4serve.kernels.fp8 import store_row
 
 
 @triton.jit
@@ -25,12 +25,7 @@ def _gelu_quant_kernel(x_ptr, y_ptr, y_scale_ptr, D: tl.constexpr, BLOCK_D: tl.c
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     if GELU:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    if FP8:
-        inverse, scale = fp8_inverse_scale(tl.max(tl.abs(x), 0))
-        tl.store(y_ptr + row * D + cols, to_fp8(x, inverse), mask=mask)
-        tl.store(y_scale_ptr + row, scale)
-    else:
-        tl.store(y_ptr + row * D + cols, x.to(y_ptr.dtype.element_ty), mask=mask)
+    store_row(y_ptr, y_scale_ptr, row, D, cols, x, mask, FP8)
 
 
 def _launch(x: Tensor, gelu: bool, fp8: bool) -> tuple[Tensor, Tensor | None]:

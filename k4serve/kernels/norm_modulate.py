@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from k4serve.export.quantize import FP8_DTYPE
-from k4serve.kernels.fp8 import fp8_inverse_scale, to_fp8
+from k4serve.kernels.fp8 import store_row
 
 
 @triton.jit
@@ -53,12 +53,7 @@ def _norm_modulate_kernel(x_ptr, delta_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, s
     scale1 = tl.load(scale_ptr + b * mod_sb + stream * mod_ss + cols, mask=mask, other=0.0).to(tl.float32)
     y = xn * scale1 + shift
     out = b * rows + s
-    if FP8:
-        inverse, y_scale = fp8_inverse_scale(tl.max(tl.abs(y), 0))
-        tl.store(y_ptr + out * D + cols, to_fp8(y, inverse), mask=mask)
-        tl.store(y_scale_ptr + out, y_scale)
-    else:
-        tl.store(y_ptr + out * D + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_row(y_ptr, y_scale_ptr, out, D, cols, y, mask, FP8)
 
 
 def norm_modulate(x: Tensor, norm: tuple[Tensor, Tensor], shift: Tensor, scale1: Tensor, n_visual: int,

@@ -175,7 +175,7 @@ class T2VPipeline:
             )
         return cls(text_encoder, dit, vae, vae_config, settings)
 
-    def _make_denoiser(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def _make_denoiser(self) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
         """(x_t, text_embed, time) -> velocity through the configured engine (None without a DiT)."""
         if self.dit is None:
             return None
