@@ -49,8 +49,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline, validate_request
-    from k4serve.pipelines.video_io import write_output
+    from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline, num_frames, validate_request
 
     height, width = args.size
     seed = random.randint(0, MAX_SEED) if args.seed is None else args.seed
@@ -73,14 +72,16 @@ def run_generate(args: argparse.Namespace) -> int:
         if done == total:
             bar.close()
 
-    frames = pipeline(args.prompt, height, width, args.seconds, seed, progress)
+    latents = pipeline.latents(args.prompt, height, width, args.seconds, seed, progress)
+    # mp4 (PNG for 0 s), each VAE chunk H.264-encoded while the next decodes
+    video = pipeline.encode_video(latents, lambda done, total: progress("vae+mp4", done, total))
     output = Path(args.output)
     if args.seconds == 0 and output.suffix != ".png":
         output = output.with_suffix(".png")
-    write_output(output, frames)
-    print(
-        f"wrote {output} ({len(frames)} frames, {height}x{width}, seed {seed}) in {time.perf_counter() - started:.1f} s"
-    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(video)
+    frames = num_frames(args.seconds)
+    print(f"wrote {output} ({frames} frames, {height}x{width}, seed {seed}) in {time.perf_counter() - started:.1f} s")
     return 0
 
 

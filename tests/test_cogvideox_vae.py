@@ -58,11 +58,18 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.mark.parametrize("num_latent_frames", [1, 3, 4, 5])
-def test_decode_matches_diffusers(reference, num_latent_frames):
+# The Triton norms once (odd T: two chunks, a lone first frame, the cache): the interpreter takes ~40 s. With
+# CUDA, Triton cannot run on CPU tensors; test_bf16_cuda covers the kernel there.
+interpreted = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter check; CUDA: test_bf16_cuda")
+
+
+@pytest.mark.parametrize("num_latent_frames, norms", [(1, "torch"), (3, "torch"), (4, "torch"), (5, "torch"),
+                                                      pytest.param(5, "triton", marks=interpreted)])  # fmt: skip
+def test_decode_matches_diffusers(reference, num_latent_frames, norms):
     vae, vae_dir = reference
     decoder, config = load_cogvideox_decoder(vae_dir)
     assert config == TINY
+    decoder.use_triton_norms(norms == "triton")  # without CUDA: Triton's interpreter, float32
     z = torch.randn(2, 16, num_latent_frames, *LATENT_HW, generator=torch.Generator().manual_seed(num_latent_frames))
     expected = diffusers_decode(vae, z)
     video = decoder.decode(z)
@@ -168,11 +175,12 @@ def test_random_build_is_seeded_and_named_like_diffusers(reference):
     assert not torch.equal(state["conv_in.conv.weight"], other.state_dict()["conv_in.conv.weight"])
 
 
-def bf16_vs_fp32(vae_dir, device: str) -> None:
+def bf16_vs_fp32(vae_dir, device: str, triton_norms: bool = False) -> None:
     """bf16 decode on `device` stays close to the fp32 CPU decode (odd T: two chunks, the cache in bf16)."""
     z = torch.randn(1, 16, 5, 2, 3, generator=torch.Generator().manual_seed(7))
     reference_video = load_cogvideox_decoder(vae_dir)[0].decode(z)
     decoder, _ = load_cogvideox_decoder(vae_dir, device, torch.bfloat16)
+    decoder.use_triton_norms(triton_norms)
     video = decoder.decode(z.to(device, torch.bfloat16))
     assert video.dtype == torch.bfloat16 and video.device.type == torch.device(device).type
     assert relative_error(video.float().cpu(), reference_video) < 3e-2
@@ -184,5 +192,6 @@ def test_bf16_cpu(reference):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_cuda(reference):
-    bf16_vs_fp32(reference[1], "cuda")
+@pytest.mark.parametrize("triton_norms", [False, True])
+def test_bf16_cuda(reference, triton_norms):
+    bf16_vs_fp32(reference[1], "cuda", triton_norms)

@@ -27,6 +27,11 @@ from k4serve.kernels.attention import (  # noqa: E402
     quantize_qkv_fp8,
 )
 from k4serve.kernels.gelu_quant import gelu, quantize_rows  # noqa: E402
+from k4serve.kernels.group_norm import (  # noqa: E402
+    group_norm_stats,
+    spatial_norm_silu,
+    spatial_norm_silu_reference,
+)
 from k4serve.kernels.norm_modulate import norm_modulate, norm_modulate_reference  # noqa: E402
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8, qk_norm_rope_reference  # noqa: E402
 
@@ -258,3 +263,40 @@ def test_fp8_linear_against_dequantized_and_exact_products():
     assert rel_error(out, dequant) < 6e-3  # only the bf16 output rounding remains
     exact = x.double() @ linear.weight.double().T + linear.bias.double()
     assert rel_error(out, exact) < 6e-2
+
+
+# ---- VAE GroupNorm + spatial modulation + SiLU (group_norm.py) ----
+
+
+def test_group_norm_stats_keep_the_variance_of_large_mean_features():
+    # mean 50, std 0.1: fp32 E[x²] - E[x]² would lose ~3 % of the variance; 3 chunks per group, the last partial
+    g = torch.Generator().manual_seed(15)
+    x = (50.0 + 0.1 * torch.randn(2, 8, 3, 40, 70, generator=g)).to(DEVICE)
+    mean, rstd = group_norm_stats(x, groups=4, eps=1e-6)
+    groups = x.double().reshape(2 * 4, -1)
+    want_var = groups.var(1, unbiased=False)
+    torch.testing.assert_close(mean.double(), groups.mean(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), (want_var + 1e-6).rsqrt(), rtol=1e-4, atol=0)
+
+
+# (frames, latent frames, spatial factor): odd with its lone first frame, even, the mid block's 1:1, an image
+@pytest.mark.parametrize("t, t_lat, up", [(9, 3, 2), (8, 2, 2), (3, 3, 1), (1, 1, 2)])
+def test_spatial_norm_silu_into_a_padded_buffer_matches_float64(t, t_lat, up):
+    g = torch.Generator().manual_seed(16)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = (torch.randn(2, 8, t, 4 * up, 6 * up, generator=g) * 3 + 1).to(DEVICE, dtype)
+    scale, shift = (torch.randn(2, 8, t_lat, 4, 6, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight, bias = (torch.randn(8, generator=g).to(DEVICE, dtype) for _ in range(2))
+    padded = torch.full((2, 8, 2 + t, 4 * up, 6 * up), float("nan"), device=DEVICE, dtype=dtype)
+    out = spatial_norm_silu(x, scale, shift, weight, bias, groups=4, eps=1e-6, out=padded[:, :, 2:])
+    assert out.data_ptr() == padded[:, :, 2:].data_ptr()
+    assert padded[:, :, :2].isnan().all()  # the conv's past frames are left to it
+    want = spatial_norm_silu_reference(x, scale, shift, weight, bias, groups=4, eps=1e-6)
+    assert rel_error(out, want) < (4e-3 if CUDA else 1e-6)
+
+
+def test_spatial_norm_silu_refuses_a_grid_it_cannot_upsample():
+    x = torch.randn(1, 8, 6, 8, 12, device=DEVICE)
+    scale = torch.randn(1, 8, 4, 4, 6, device=DEVICE)  # nearest upsampling in time repeats each frame k times
+    with pytest.raises(ValueError, match="6 frames are not an upsampling of 4 latent frames"):
+        spatial_norm_silu(x, scale, scale, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE), 4, 1e-6)

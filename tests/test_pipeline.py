@@ -13,6 +13,7 @@ from k4serve.models.cogvideox_vae import PRESETS as VAE_PRESETS
 from k4serve.models.dit import build_dit
 from k4serve.models.t5 import T5TextEncoder
 from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline, num_frames
+from k4serve.pipelines.video_io import FPS, decode_mp4, encode_mp4
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,16 @@ def test_batch_of_seeds_equals_solo_runs(weights_dir):
     for b in range(2):  # same noise per seed; batched GEMMs round differently from solo ones in float32
         torch.testing.assert_close(batch[b], solo[b], rtol=1e-4, atol=1e-5)
     assert (solo[0] - solo[1]).abs().max() > 0.1
+
+
+def test_encode_video_streams_the_frames_of_call_into_the_mp4():
+    pipeline = T2VPipeline.from_settings(PipelineSettings(preset="tiny"))
+    latents = pipeline.latents("a red fox", 384, 672, 2, seed=5)
+    events = []
+    mp4 = pipeline.encode_video(latents, progress=lambda *event: events.append(event))
+    frames = pipeline("a red fox", 384, 672, 2, seed=5)
+    decoded, fps = decode_mp4(mp4)
+    assert decoded.shape == frames.shape == (num_frames(2), 384, 672, 3) and fps == FPS
+    np.testing.assert_array_equal(decoded, decode_mp4(encode_mp4(frames))[0])
+    assert events == [(1, 2), (2, 2)]  # T = 5 latent frames: two VAE chunks
+    assert pipeline.encode_video(pipeline.latents("a red fox", 512, 512, 0, seed=5)).startswith(b"\x89PNG")

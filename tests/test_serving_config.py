@@ -16,8 +16,11 @@ from k4serve.pipelines.t2v import MAX_SEED, RequestError
 from k4serve.serving.cli import add_serve_arguments, parse_gpus, stage_env
 from k4serve.serving.launcher import (
     REPO_MODEL_REPOSITORY,
+    ServerOptions,
     TritonDistribution,
+    TritonServer,
     copy_repository,
+    models_to_load,
     stub_environment,
     with_instance_groups,
 )
@@ -133,6 +136,28 @@ def test_serve_flags_become_k4serve_environment(tmp_path):
         "K4SERVE_LINEAR": "fp8",
     }
     assert stage_env(parser.parse_args([])) == {}
+
+
+def test_an_ensemble_brings_its_stages_and_unknown_models_are_named():
+    assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v"]) == [
+        "dit_sampler",
+        "muxer",
+        "t2v",
+        "text_encoder",
+        "vae_decoder",
+    ]
+    assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v_stream"]) == ["t2v_stream"]
+    with pytest.raises(ValueError, match="no model t2a in .*; choose from dit_sampler, muxer, t2v, t2v_stream"):
+        models_to_load(REPO_MODEL_REPOSITORY, ["t2a"])
+
+
+def test_models_flag_switches_tritonserver_to_explicit_loading(tmp_path, monkeypatch):
+    binary = TritonDistribution(tmp_path / "tritonserver", tmp_path, tmp_path, tmp_path)
+    monkeypatch.setattr(TritonDistribution, "find", classmethod(lambda cls: binary))
+    every = TritonServer(ServerOptions()).command(tmp_path, REPO_MODEL_REPOSITORY)
+    assert not any(arg.startswith(("--model-control-mode", "--load-model")) for arg in every)
+    only = TritonServer(ServerOptions(models=["vae_decoder", "muxer"])).command(tmp_path, REPO_MODEL_REPOSITORY)
+    assert only[-3:] == ["--model-control-mode=explicit", "--load-model=muxer", "--load-model=vae_decoder"]
 
 
 def test_backend_directory_holds_the_stub_for_this_python(tmp_path):

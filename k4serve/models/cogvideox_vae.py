@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -143,34 +144,55 @@ class CausalConv3d(nn.Module):
         """x [B, C, T, H, W] -> [B, C_out, T, H, W]; reads and updates `cache` (None: a lone chunk)."""
         if self.time_pad == 0:
             return self.conv(x)
-        past = cache.get(self) if cache is not None else None
-        if past is None:
-            past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
-        x = torch.cat([past, x], dim=2)
+        padded = self.padded_input(x)
+        padded[:, :, self.time_pad :] = x
+        return self.forward_padded(padded, cache)
+
+    def padded_input(self, x: Tensor) -> Tensor:
+        """An empty [B, C, time_pad + T, H, W] buffer for x: the caller writes x after the first time_pad frames."""
+        b, c, t, h, w = x.shape
+        return x.new_empty(b, c, self.time_pad + t, h, w)
+
+    def forward_padded(self, padded: Tensor, cache: ConvCache | None = None) -> Tensor:
+        """Fill the past frames of a `padded_input` whose input frames are written, then convolve."""
+        past, first = padded[:, :, : self.time_pad], padded[:, :, self.time_pad : self.time_pad + 1]
+        past.copy_(cache[self] if cache is not None and self in cache else first.expand_as(past))
         if cache is not None:
-            cache[self] = x[:, :, -self.time_pad :].clone()  # a copy, so the whole chunk can be freed
-        return self.conv(x)
+            cache[self] = padded[:, :, -self.time_pad :].clone()  # a copy, so the whole chunk can be freed
+        return self.conv(padded)
 
 
 class SpatialNorm3D(nn.Module):
-    """GroupNorm with per-pixel scale and shift: 1x1x1 convs of the latent, nearest-upsampled to x's grid."""
+    """GroupNorm with per-pixel scale and shift (1x1x1 convs of the latent, nearest-upsampled to x's grid), then
+    the SiLU that follows every use in the decoder. `kernel`: the fused Triton version (see `use_triton_norms`)."""
 
     def __init__(self, channels: int, latent_channels: int, groups: int):
         super().__init__()
         self.norm_layer = nn.GroupNorm(groups, channels, eps=NORM_EPS)
         self.conv_y = CausalConv3d(latent_channels, channels, kernel_size=1)
         self.conv_b = CausalConv3d(latent_channels, channels, kernel_size=1)
+        self.kernel: Callable[..., Tensor] | None = None
 
-    def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        """x [B, C, T, H, W] features, z [B, 16, t, h, w] latent chunk -> [B, C, T, H, W]."""
+    def forward(self, x: Tensor, z: Tensor, out: Tensor) -> Tensor:
+        """x [B, C, T, H, W] features, z [B, 16, t, h, w] latent chunk -> `out` [B, C, T, H, W]."""
         # Pointwise convs commute with nearest upsampling: run them on the latent grid, then broadcast the
         # result over x's blocks instead of materialising upsampled copies (diffusers upsamples z first).
         scale, shift = self.conv_y(z), self.conv_b(z)  # [B, C, t, h, w]
-        x = self.norm_layer(x)
+        norm = self.norm_layer
+        if self.kernel is not None:
+            return self.kernel(x, scale, shift, norm.weight, norm.bias, norm.num_groups, norm.eps, out=out)
+        out.copy_(norm(x))
         for seg in time_segments(x.shape[2]):  # a lone first frame maps to z's first frame only
             s, b = scale[:, :, seg], shift[:, :, seg]
-            blocks(x[:, :, seg], s.shape[2:]).mul_(cells(s)).add_(cells(b))
-        return x
+            blocks(out[:, :, seg], s.shape[2:]).mul_(cells(s)).add_(cells(b))
+        return F.silu(out, inplace=True)
+
+
+def norm_silu_conv(norm: SpatialNorm3D, conv: CausalConv3d, x: Tensor, z: Tensor, cache: ConvCache | None) -> Tensor:
+    """conv(silu(norm(x, z))), the norm writing straight into the conv's time-padded input."""
+    padded = conv.padded_input(x)
+    norm(x, z, out=padded[:, :, conv.time_pad :])
+    return conv.forward_padded(padded, cache)
 
 
 class ResnetBlock3D(nn.Module):
@@ -183,11 +205,11 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, z: Tensor, cache: ConvCache | None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x, z), inplace=True), cache)
-        h = self.conv2(F.silu(self.norm2(h, z), inplace=True), cache)
+        h = norm_silu_conv(self.norm1, self.conv1, x, z, cache)
+        h = norm_silu_conv(self.norm2, self.conv2, h, z, cache)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return h + x
+        return h.add_(x)
 
 
 class Upsample3D(nn.Module):
@@ -269,24 +291,27 @@ class CogVideoXDecoder(nn.Module):
         for block in self.up_blocks:
             x = block(x, z, cache)
         # 4. out norm, SiLU, conv to RGB               [B, 3, T', 8h, 8w]
-        x = F.silu(self.norm_out(x, z), inplace=True)
-        return self.conv_out(x, cache)
+        return norm_silu_conv(self.norm_out, self.conv_out, x, z, cache)
+
+    def use_triton_norms(self, enabled: bool = True) -> None:
+        """Run every norm + SiLU through the fused Triton kernel (k4serve.kernels.group_norm), or torch again."""
+        from k4serve.kernels.group_norm import spatial_norm_silu  # imports triton: only when asked for
+
+        for module in self.modules():
+            if isinstance(module, SpatialNorm3D):
+                module.kernel = spatial_norm_silu if enabled else None
+
+    def decode_chunks(self, z: Tensor) -> Iterator[Tensor]:
+        """z [B, 16, T, h, w] (already divided by scaling_factor) -> the video [B, 3, F_i, 8h, 8w] of each of
+        diffusers' temporal chunks in turn, values about [-1, 1]; see `decode`."""
+        cache: ConvCache = {}
+        for chunk in latent_chunks(z.shape[2]):
+            yield self(z[:, :, chunk], cache)
 
     def decode(self, z: Tensor) -> Tensor:
         """z [B, 16, T, h, w] (already divided by scaling_factor) -> video [B, 3, F, 8h, 8w] in about [-1, 1],
         F = 4(T - 1) + 1 for odd T (4T for even T), decoded in diffusers' temporal chunks."""
-        b, _, t, h, w = z.shape
-        chunks = latent_chunks(t)
-        levels, up = self.config.temporal_upsample_levels, self.config.spatial_compression
-        num_frames = sum(decoded_frames(c.stop - c.start, levels) for c in chunks)
-        video = z.new_empty(b, self.config.out_channels, num_frames, up * h, up * w)
-        cache: ConvCache = {}
-        start = 0
-        for chunk in chunks:
-            frames = self(z[:, :, chunk], cache)
-            video[:, :, start : start + frames.shape[2]] = frames
-            start += frames.shape[2]
-        return video
+        return torch.cat(list(self.decode_chunks(z)), dim=2)
 
 
 VAE_LAYOUT = (

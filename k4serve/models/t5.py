@@ -86,7 +86,10 @@ class T5TextEncoder:
             torch.manual_seed(preset.seed)
             with torch.device(device):
                 encoder = T5EncoderModel(config)
-        return cls(tokenizer, encoder.to(dtype=dtype))
+        encoder = encoder.to(dtype=dtype)
+        if encoder.device.type == "cuda":
+            torch.cuda.empty_cache()  # give back the fp32 build's blocks (19 GB at XXL) to the other stages
+        return cls(tokenizer, encoder)
 
     def tokenize(self, prompt: str) -> Tensor:
         """input_ids [1, 224]: special tokens added, truncated, padded to length."""

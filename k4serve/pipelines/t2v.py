@@ -8,7 +8,7 @@ truncating float -> uint8 conversion of its video writer. So a seed reproduces t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from k4serve.models.cogvideox_vae import build_cogvideox_decoder, load_cogvideox_decoder
+from k4serve.models.cogvideox_vae import build_cogvideox_decoder, latent_chunks, load_cogvideox_decoder
 from k4serve.models.dit import DiffusionTransformer3D, build_dit
 from k4serve.models.schedulers import FlashSampler, ScheduleConfig
 from k4serve.models.t5 import T5TextEncoder
+from k4serve.pipelines.video_io import Mp4Encoder, encode_png
 
 SUPPORTED_SIZES: tuple[tuple[int, int], ...] = (
     (512, 512), (352, 736), (736, 352), (384, 672), (672, 384), (480, 544), (544, 480),
@@ -87,7 +88,7 @@ class PipelineSettings:
     preset: str = "tiny"
     weights: str | None = None
     device: str | dict[str, str] = "cpu"
-    engine: str = "eager"  # eager | fast (k4serve.engines: fused kernels, CUDA graphs)
+    engine: str = "eager"  # eager | fast (fused kernels: the DiT's with CUDA graphs, the VAE's norms)
     attention: str = "sdpa"  # fast engine: sdpa | triton | triton-fp8
     linear: str = "bf16"  # fast engine: bf16 | fp8
     seed: int = 0  # random-weight seed when no weights are given
@@ -133,6 +134,8 @@ class T2VPipeline:
         self.devices = settings.device_map()
         self.sampler = FlashSampler(self._schedule_config())
         self.denoiser = self._make_denoiser()
+        if vae is not None and settings.engine == "fast" and torch.device(self.devices["vae"]).type == "cuda":
+            vae.use_triton_norms()  # on the CPU the interpreter would take minutes per video
 
     def _schedule_config(self) -> ScheduleConfig:
         if self.settings.weights is not None:
@@ -235,15 +238,51 @@ class T2VPipeline:
         return latents[0] if single else latents
 
     @torch.no_grad()
-    def decode(self, latents: Tensor) -> np.ndarray:
-        """x0 latents [T, H/8, W/8, 16] -> uint8 frames [4(T-1)+1, H, W, 3]."""
+    def decode_chunks(self, latents: Tensor) -> Iterator[np.ndarray]:
+        """x0 latents [T, H/8, W/8, 16] -> uint8 frames [F_i, H, W, 3] of each VAE chunk as soon as it is decoded
+        (all chunks: 4(T-1)+1 frames)."""
         device, dtype = torch.device(self.devices["vae"]), run_dtype(self.devices["vae"])
         z = latents.to(device=device, dtype=dtype)
         z = (1.0 / self.vae_config.scaling_factor) * z  # in the VAE dtype, in the official order
-        video = self.vae.decode(z.permute(3, 0, 1, 2)[None])[0].float()  # [3, F, H, W] in [-1, 1]
-        video = torch.clip((video + 1.0) / 2.0, 0.0, 1.0)
-        # 255 * x truncated toward zero: the official writer's float -> uint8 cast.
-        return (255.0 * video.permute(1, 2, 3, 0).cpu().numpy()).astype(np.uint8)
+        for video in self.vae.decode_chunks(z.permute(3, 0, 1, 2)[None]):
+            video = torch.clip((video[0].float() + 1.0) / 2.0, 0.0, 1.0)  # [3, F_i, H, W]
+            # 255 * x truncated toward zero: the official writer's float -> uint8 cast (on the device: 4x less
+            # to copy, and the same float32 product).
+            yield (255.0 * video).to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """x0 latents [T, H/8, W/8, 16] -> uint8 frames [4(T-1)+1, H, W, 3]."""
+        return np.concatenate(list(self.decode_chunks(latents)))
+
+    def encode_video(self, latents: Tensor, progress: Callable[[int, int], None] | None = None) -> bytes:
+        """x0 latents -> mp4 bytes (PNG for a single frame); the CPU's H.264 encode of each chunk overlaps the
+        VAE's decode of the next. progress(done, total) after each VAE chunk."""
+        if latents.shape[0] == 1:
+            return encode_png(self.decode(latents)[0])
+        up = self.vae_config.spatial_compression
+        chunks = len(latent_chunks(latents.shape[0]))
+        with Mp4Encoder(up * latents.shape[1], up * latents.shape[2]) as encoder:
+            for done, frames in enumerate(self.decode_chunks(latents), 1):
+                encoder.write(frames)
+                if progress is not None:
+                    progress(done, chunks)
+            return encoder.finish()
+
+    def latents(
+        self,
+        prompt: str,
+        height: int,
+        width: int,
+        seconds: int,
+        seed: int,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> Tensor:
+        """prompt -> x0 latents [T, H/8, W/8, 16]; progress(stage, done, total) after each stage step."""
+        validate_request(prompt, height, width, seconds, seed)
+        report = progress or (lambda stage, done, total: None)
+        text_embed = self.encode_prompt(prompt)
+        report("text_encoder", 1, 1)
+        return self.sample(text_embed, height, width, seconds, seed, lambda done, total: report("dit", done, total))
 
     def __call__(
         self,
@@ -255,11 +294,7 @@ class T2VPipeline:
         progress: Callable[[str, int, int], None] | None = None,
     ) -> np.ndarray:
         """prompt -> uint8 frames [F, H, W, 3]; progress(stage, done, total) after each stage step."""
-        validate_request(prompt, height, width, seconds, seed)
-        report = progress or (lambda stage, done, total: None)
-        text_embed = self.encode_prompt(prompt)
-        report("text_encoder", 1, 1)
-        latents = self.sample(text_embed, height, width, seconds, seed, lambda done, total: report("dit", done, total))
-        frames = self.decode(latents)
-        report("vae", 1, 1)
+        frames = self.decode(self.latents(prompt, height, width, seconds, seed, progress))
+        if progress is not None:
+            progress("vae", 1, 1)
         return frames

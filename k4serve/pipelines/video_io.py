@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import struct
 import subprocess
 import tempfile
+import threading
 import wave
 import zlib
 from pathlib import Path
@@ -21,35 +24,87 @@ def _check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
 
 
+class Mp4Encoder:
+    """H.264 (yuv420p) + optional AAC mp4 through ffmpeg, fed frame chunks as they come.
+
+    A thread feeds ffmpeg's stdin, so `write` returns at once and ffmpeg encodes on the CPU while the caller
+    decodes the next chunk on the GPU. `finish()` returns the mp4 bytes.
+    """
+
+    def __init__(self, height: int, width: int, fps: float = FPS, audio: np.ndarray | None = None,
+                 sample_rate: int = 44100):  # fmt: skip
+        self.shape = (height, width, 3)
+        self.frames = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="k4serve-mp4-")
+        tmp = Path(self._tmp.name)
+        self.path = tmp / "out.mp4"
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y"]
+        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-"]
+        if audio is not None:
+            write_wav(tmp / "audio.wav", audio, sample_rate)
+            cmd += ["-i", str(tmp / "audio.wav"), "-c:a", "aac", "-shortest"]
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-movflags", "+faststart", str(self.path)]
+        self._log = (tmp / "ffmpeg.log").open("wb")  # a file, not a pipe: ffmpeg never blocks on its stderr
+        self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+        self._chunks: queue.Queue[bytes | None] = queue.Queue()
+        self._feeder = threading.Thread(target=self._feed, name="mp4-feeder", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        try:
+            while (chunk := self._chunks.get()) is not None:
+                self._process.stdin.write(chunk)
+        except BrokenPipeError:  # ffmpeg exited; finish() reports its log
+            pass
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                self._process.stdin.close()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Queue uint8 frames [F, H, W, 3] for encoding."""
+        _check_frames(frames)
+        if frames.shape[1:] != self.shape:
+            raise ValueError(f"frames are {list(frames.shape[1:])}, this encoder takes {list(self.shape)}")
+        self.frames += len(frames)
+        self._chunks.put(np.ascontiguousarray(frames).tobytes())
+
+    def finish(self) -> bytes:
+        """Wait for ffmpeg and return the mp4 bytes; raise RuntimeError with ffmpeg's message if it failed."""
+        self._chunks.put(None)
+        self._feeder.join()
+        try:
+            if self._process.wait() != 0:
+                log = (Path(self._tmp.name) / "ffmpeg.log").read_text(errors="replace")
+                raise RuntimeError(f"ffmpeg failed to encode {self.frames} frames: {log}")
+            return self.path.read_bytes()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop ffmpeg if it still runs (the caller gave up) and remove the files; safe to call again."""
+        if self._process.poll() is None:
+            self._process.kill()
+        self._chunks.put(None)
+        self._feeder.join()
+        self._process.wait()
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Mp4Encoder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def encode_mp4(
     frames: np.ndarray, fps: float = FPS, audio: np.ndarray | None = None, sample_rate: int = 44100
 ) -> bytes:
     """uint8 frames [F, H, W, 3] (+ mono float audio in [-1, 1]) -> mp4 bytes (H.264 yuv420p, AAC)."""
     _check_frames(frames)
-    f, h, w, _ = frames.shape
-    with tempfile.TemporaryDirectory(prefix="k4serve-mp4-") as tmp:
-        out = Path(tmp) / "out.mp4"
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y"]
-        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-"]
-        if audio is not None:
-            wav = Path(tmp) / "audio.wav"
-            write_wav(wav, audio, sample_rate)
-            cmd += ["-i", str(wav), "-c:a", "aac", "-shortest"]
-        cmd += [
-            "-c:v",
-            "libx264",
-            "-pix_fmt",
-            "yuv420p",
-            "-crf",
-            str(CRF),
-            "-movflags",
-            "+faststart",
-            str(out),
-        ]
-        result = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"ffmpeg failed to encode {f} frames: {result.stderr.decode(errors='replace')}")
-        return out.read_bytes()
+    with Mp4Encoder(frames.shape[1], frames.shape[2], fps, audio, sample_rate) as encoder:
+        encoder.write(frames)
+        return encoder.finish()
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
@@ -91,11 +146,3 @@ def encode_png(frame: np.ndarray) -> bytes:
         + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
         + chunk(b"IEND", b"")
     )
-
-
-def write_output(path: str | Path, frames: np.ndarray, fps: float = FPS) -> Path:
-    """Write frames to `path`: a PNG for a single image (seconds = 0), else an mp4."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(frames[0]) if len(frames) == 1 else encode_mp4(frames, fps))
-    return path

@@ -34,6 +34,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--linear", choices=LINEAR, default=None, help="the DiT's linear-layer dtype")
     parser.add_argument("--gpus", type=parse_gpus, default=None, help="0,1: stages on these GPUs; none: CPU only")
     parser.add_argument("--model-repository", type=Path, default=REPO_MODEL_REPOSITORY)
+    parser.add_argument(
+        "--models", nargs="+", default=None, metavar="MODEL",
+        help="load only these models (an ensemble brings its stages), e.g. `--models t2v` for flash-512 on one "
+        "80 GB GPU: t2v_stream holds a second copy of all three models; default: every model",
+    )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--grpc-port", type=int, default=None, help="default 8001 (with --once: a free port)")
     parser.add_argument("--http-port", type=int, default=None, help="default 8000 (with --once: a free port)")
@@ -68,6 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=port(args.http_port, 8000),
         metrics_port=port(args.metrics_port, 8002),
         gpus=args.gpus,
+        models=args.models,
         env=stage_env(args),
         log=args.log_file,
         log_verbose=args.log_verbose,
@@ -88,10 +94,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_once(server: TritonServer, args: argparse.Namespace) -> int:
-    """`k4serve request --stream` against the server just started."""
+    """`k4serve request --stream` against the server just started (without --stream if t2v_stream is not loaded)."""
     from k4serve.client.cli import add_request_arguments, run_request
 
     parser = argparse.ArgumentParser()
     add_request_arguments(parser)
-    argv = [args.once, "-o", str(args.output), "--url", server.grpc_url, "--seconds", str(args.seconds), "--stream"]
+    argv = [args.once, "-o", str(args.output), "--url", server.grpc_url, "--seconds", str(args.seconds)]
+    if args.models is None or "t2v_stream" in args.models:
+        argv.append("--stream")
     return run_request(parser.parse_args(argv))

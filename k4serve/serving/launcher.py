@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ REPO_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 _DIE_WITH_PARENT = "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 15); os.execv(sys.argv[1], sys.argv[1:])"
 # The stock instance group of a GPU-capable stage: a count and no kind (Triton then picks GPUs when present).
 _AUTO_INSTANCE_GROUP = re.compile(r"instance_group\s*\[\s*\{\s*count:\s*(\d+)\s*\}\s*\]")
+_ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"')  # the models an ensemble's steps call
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,11 @@ class TritonDistribution:
     @classmethod
     def find(cls) -> TritonDistribution:
         """Locate the server inside the installed nvidia-pytriton wheel."""
-        try:
-            import pytriton
-        except ImportError:
-            raise FileNotFoundError(
-                "tritonserver comes with the nvidia-pytriton wheel: pip install 'k4serve[serve]'"
-            ) from None
-        root = Path(pytriton.__file__).parent / "tritonserver"
+        # Only the wheel's files are needed: locate the package without importing it (and its client deps).
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("tritonserver comes with the nvidia-pytriton wheel: pip install 'k4serve[serve]'")
+        root = Path(spec.submodule_search_locations[0]) / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         dist = cls(
             binary=root / "bin" / "tritonserver",
@@ -123,6 +123,18 @@ def copy_repository(source: Path, destination: Path, gpus: list[int] | None) -> 
     return destination
 
 
+def models_to_load(repository: Path, names: list[str]) -> list[str]:
+    """`names` and, for an ensemble among them, the models its steps call (sorted); unknown names fail here."""
+    available = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"no model {', '.join(unknown)} in {repository}; choose from {', '.join(available)}")
+    load = set(names)
+    for name in names:
+        load.update(_ENSEMBLE_STEP.findall((repository / name / "config.pbtxt").read_text()))
+    return sorted(load)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
@@ -140,6 +152,7 @@ class ServerOptions:
     http_port: int = 0
     metrics_port: int = 0
     gpus: list[int] | None = None  # None: as the configs say; []: CPU only; [0, 1]: KIND_GPU on those
+    models: list[str] | None = None  # None: every model; else these (and their ensembles' steps) only
     env: dict[str, str] = field(default_factory=dict)
     log: Path | None = None  # None: the server writes to this process's stdout/stderr
     log_verbose: int = 0
@@ -177,6 +190,13 @@ class TritonServer:
     def command(self, backends: Path, repository: Path) -> list[str]:
         """The tritonserver command line."""
         o = self.options
+        # Explicit model control loads only the models asked for (one GPU cannot hold both t2v's stages and
+        # t2v_stream's own copy of the three models at full size).
+        selection = (
+            []
+            if o.models is None
+            else ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models_to_load(repository, o.models))]
+        )
         return [
             str(TritonDistribution.find().binary),
             f"--model-repository={repository}",
@@ -196,6 +216,7 @@ class TritonServer:
             f"--metrics-port={o.metrics_port}",
             f"--exit-timeout-secs={o.exit_timeout_s}",
             f"--log-verbose={o.log_verbose}",
+            *selection,
         ]
 
     def start(self) -> TritonServer:

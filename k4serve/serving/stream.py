@@ -13,9 +13,10 @@ import time
 import torch
 import triton_python_backend_utils as pb_utils
 
+from k4serve.models.cogvideox_vae import latent_chunks
 from k4serve.models.schedulers import FLASH_STEPS
 from k4serve.pipelines.t2v import COMPONENTS
-from k4serve.pipelines.video_io import FPS, encode_mp4
+from k4serve.pipelines.video_io import FPS, Mp4Encoder
 from k4serve.serving.backend import StageMetrics, bytes_tensor, dlpack_tensor, error_response, input_bytes, input_int
 from k4serve.serving.requests import VideoShape, decode_prompt
 from k4serve.serving.stages import PipelineStage
@@ -97,10 +98,14 @@ class T2VStreamModel(PipelineStage):
             shape.seed,
             lambda done, total: progress.step("dit_sampler", done, total),
         )
-        progress.begin("vae_decoder", 1)
-        frames = self.pipeline.decode(latents)
-        progress.step("vae_decoder", 1, 1)
-        progress.begin("muxer", 1)
-        mp4 = encode_mp4(frames, FPS)
+        # The H.264 encode runs on the CPU while the VAE decodes the next chunk; "muxer" is then only its tail.
+        chunks = len(latent_chunks(latents.shape[0]))
+        progress.begin("vae_decoder", chunks)
+        with Mp4Encoder(shape.height, shape.width, FPS) as encoder:  # closed (ffmpeg stopped) on a cancel too
+            for done, frames in enumerate(self.pipeline.decode_chunks(latents), 1):
+                encoder.write(frames)
+                progress.step("vae_decoder", done, chunks)
+            progress.begin("muxer", 1)
+            mp4 = encoder.finish()
         progress.step("muxer", 1, 1)
         return [bytes_tensor("MP4", mp4), dlpack_tensor("SEED_USED", torch.tensor([shape.seed], dtype=torch.int64))]
