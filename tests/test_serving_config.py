@@ -75,11 +75,6 @@ def test_configs_default_to_the_tiny_preset_and_env_overrides(model):
     assert (options["preset"], options["weights"], options["linear"]) == ("flash-512", "/weights", "fp8")
 
 
-def test_stage_configs_agree_on_the_pipeline_settings():
-    options = [pipeline_options(read_config_parameters(model), environ={}) for model in GPU_STAGES]
-    assert all(option == options[0] for option in options)
-
-
 def test_prompt_must_be_utf8_and_non_empty():
     assert decode_prompt(b"a fox") == "a fox"
     assert decode_prompt("лиса в снегу".encode()) == "лиса в снегу"
@@ -169,7 +164,6 @@ def test_backend_directory_holds_the_stub_for_this_python(tmp_path):
         "triton_python_backend_stub",
         "triton_python_backend_utils.py",
     ]
-    assert f"{sys.version_info.major}.{sys.version_info.minor}" == dist.stub.parent.name
     assert os.access(python / "triton_python_backend_stub", os.X_OK)
 
 

@@ -41,7 +41,7 @@ def run_request(args: argparse.Namespace) -> int:
     from k4serve.client.client import T2VClient, VideoRequest
 
     height, width = args.size
-    request = VideoRequest(args.prompt, height, width, args.seconds, args.seed, args.request_id).with_id()
+    request = VideoRequest(args.prompt, height, width, args.seconds, args.seed, args.request_id)
     started = time.perf_counter()
     try:
         with T2VClient(args.url, args.timeout) as client:

@@ -6,11 +6,12 @@ import json
 import queue
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.utils import np_to_triton_dtype
 
 from k4serve.client import DEFAULT_URL
 
@@ -41,16 +42,14 @@ class VideoRequest:
             values["SEED"] = np.array([self.seed], dtype=np.int64)
         tensors = []
         for name, value in values.items():
-            tensor = module.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else _dtype(value))
+            tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
             tensor.set_data_from_numpy(value)
             tensors.append(tensor)
         return tensors
 
     def with_id(self) -> VideoRequest:
         """This request with a fresh request id if it has none."""
-        if self.request_id:
-            return self
-        return VideoRequest(self.prompt, self.height, self.width, self.seconds, self.seed, uuid.uuid4().hex)
+        return self if self.request_id else replace(self, request_id=uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -71,10 +70,6 @@ class Progress:
     steps: int
     fraction: float  # of this stage
     elapsed: float  # seconds since the server started the request
-
-
-def _dtype(value: np.ndarray) -> str:
-    return {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64"}[value.dtype]
 
 
 def _outputs(module) -> list:
@@ -113,10 +108,7 @@ class T2VClient:
         try:
             self.client.async_stream_infer(STREAM_MODEL, request.inputs(), request_id=request.request_id)
             while True:
-                result, error = responses.get(timeout=self.timeout_s)
-                if error is not None:
-                    raise error
-                item = _stream_item(result)
+                item = _stream_item(*responses.get(timeout=self.timeout_s))
                 yield item
                 if isinstance(item, Video):
                     return
@@ -165,9 +157,7 @@ class AsyncT2VClient:
 
         responses = self.client.stream_infer(requests(), stream_timeout=self.timeout_s)
         async for result, error in responses:
-            if error is not None:
-                raise error
-            item = _stream_item(result)
+            item = _stream_item(result, error)
             yield item
             if isinstance(item, Video):
                 return
@@ -182,7 +172,9 @@ class AsyncT2VClient:
         await self.close()
 
 
-def _stream_item(result) -> Progress | Video:
-    """A streamed response -> a Progress event, or the final Video."""
+def _stream_item(result, error: Exception | None) -> Progress | Video:
+    """A streamed (response, error) -> a Progress event, or the final Video; the error is raised."""
+    if error is not None:
+        raise error
     event = result.as_numpy("EVENT")
     return _video(result) if event is None else Progress(**json.loads(event[0]))

@@ -1,6 +1,6 @@
 """The fast DiT engine: the reference module's weights, fused Triton kernels, CUDA graphs per bucket.
 
-`FastDiT.from_module(dit, attention=..., linear=...)` reads a `DiffusionTransformer3D`'s parameters (bf16
+`FastDiT(dit, attention=..., linear=...)` reads a `DiffusionTransformer3D`'s parameters (bf16
 linears are shared, fp8 ones quantized once) and runs its own forward with the same contract as
 `DiffusionTransformer3D.forward`. Per block the work is 4 GEMMs plus 5 fused passes:
   norm+modulate → QKV GEMM → QK-norm+RoPE(+fp8 pack) → attention → out GEMM
@@ -26,7 +26,7 @@ from k4serve.kernels import attention as attn
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
 from k4serve.kernels.norm_modulate import norm_modulate
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8
-from k4serve.models.dit import DiffusionTransformer3D, TransformerBlock
+from k4serve.models.dit import DiffusionTransformer3D, TransformerBlock, sdpa_attention, unpatchify
 
 TEXT_LEN = 224  # T5 max_length: the text shape of every bucket the pipelines serve
 
@@ -90,12 +90,6 @@ class FastDiT:
         self._buckets: dict[tuple[Shape, Shape], tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor] | None] = {}
         # one memory pool for every bucket's graph: only one replays at a time, so their scratch can overlap
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-
-    @classmethod
-    def from_module(cls, dit: DiffusionTransformer3D, attention: str = "triton", linear: str = "bf16",
-                    cuda_graphs: bool = True) -> FastDiT:  # fmt: skip
-        """Wrap a built DiT (its dtype and device); fp8 linears are quantized here, once."""
-        return cls(dit, attention, linear, cuda_graphs)
 
     # ---- the Engine interface ----
 
@@ -176,8 +170,7 @@ class FastDiT:
         q, k, v = qk_norm_rope_(qkv, heads, *norms)  # [B, S, H, Dh] views of qkv
         if self.attention == "triton":
             return attn.flash_attention(q, k, v)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(b, s, -1)
+        return sdpa_attention(q, k, v).reshape(b, s, -1)
 
     def forward(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
         """The fused forward without graphs (what each bucket's graph captures)."""
@@ -210,8 +203,5 @@ class FastDiT:
                 nxt = (_norm(dit.out_layer.norm), shift, scale1)
                 rows, next_fp8 = n_visual, False
             y, y_scale = norm_modulate(x, *nxt, n_visual, delta=o, gate=m[:, :, 5], rows=rows, fp8=next_fp8)
-        # 4. out layer and unpatchify: features (c, pt, ph, pw) -> [B, T, H/8, W/8, C]
-        out = dit.out_layer.out_layer(y)
-        (t, h, w), (pt, ph, pw) = grid, self.config.patch_size
-        out = out.view(out.shape[0], t, h, w, -1, pt, ph, pw)
-        return out.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(out.shape[0], t * pt, h * ph, w * pw, -1)
+        # 4. out layer and unpatchify                                       [B, T, H/8, W/8, C]
+        return unpatchify(dit.out_layer.out_layer(y), grid, self.config.patch_size)

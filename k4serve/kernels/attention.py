@@ -59,10 +59,22 @@ class Fp8QKV:
     q_scale: Tensor  # [B, H, S] fp32
     k_scale: Tensor  # [B, H, S_pad / kv_block] fp32
     v_scale: Tensor  # [B, H, S_pad / kv_block] fp32
-    batch: int
-    seq_len: int
-    num_heads: int
-    kv_block: int
+
+    @property
+    def batch(self) -> int:
+        return self.q_scale.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_scale.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.q_scale.shape[2]
+
+    @property
+    def kv_block(self) -> int:
+        return self.v_t.shape[1] // self.k_scale.shape[2]
 
     @property
     def head_dim(self) -> int:
@@ -243,10 +255,6 @@ def quantize_qkv_fp8(q: Tensor, k: Tensor, v: Tensor, kv_block: int = 128) -> Fp
         q_scale=q_scale[..., 0].transpose(1, 2).contiguous(),
         k_scale=k_scale,
         v_scale=v_scale,
-        batch=b,
-        seq_len=s,
-        num_heads=h,
-        kv_block=kv_block,
     )
 
 
@@ -255,17 +263,6 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q, k, v = (t.double() for t in (q, k, v))
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).flatten(2)
-
-
-def triton_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The model's AttentionFn ([B, L, H, D] -> [B, L, H, D]) through the bf16 Triton kernel."""
-    q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (q, k, v))
-    return flash_attention(q, k, v).view(q.shape)
-
-
-def triton_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The model's AttentionFn through the fp8 kernel (operands quantized in torch; the engine fuses it)."""
-    return flash_attention_fp8(quantize_qkv_fp8(q, k, v), out_dtype=q.dtype).view(q.shape)
 
 
 def attention_flops(batch: int, seq_len: int, num_heads: int, head_dim: int) -> float:

@@ -124,10 +124,6 @@ def qk_norm_rope_fp8(qkv: Tensor, num_heads: int, q_norm: tuple[Tensor, Tensor],
         q_scale=torch.empty(b, num_heads, s, dtype=torch.float32, **new),
         k_scale=torch.empty(b, num_heads, n_blocks, dtype=torch.float32, **new),
         v_scale=torch.empty(b, num_heads, n_blocks, dtype=torch.float32, **new),
-        batch=b,
-        seq_len=s,
-        num_heads=num_heads,
-        kv_block=kv_block,
     )
     outputs = [packed.q, packed.k, packed.v_t, packed.q_scale, packed.k_scale, packed.v_scale]
     _launch(qkv, num_heads, q_norm, k_norm, cos, sin, n_visual, eps, kv_block, outputs, n_blocks * kv_block, True)

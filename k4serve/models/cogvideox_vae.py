@@ -295,11 +295,12 @@ class CogVideoXDecoder(nn.Module):
 
     def use_triton_norms(self, enabled: bool = True) -> None:
         """Run every norm + SiLU through the fused Triton kernel (k4serve.kernels.group_norm), or torch again."""
-        from k4serve.kernels.group_norm import spatial_norm_silu  # imports triton: only when asked for
-
+        kernel = None
+        if enabled:
+            from k4serve.kernels.group_norm import spatial_norm_silu as kernel  # imports triton: only when asked for
         for module in self.modules():
             if isinstance(module, SpatialNorm3D):
-                module.kernel = spatial_norm_silu if enabled else None
+                module.kernel = kernel
 
     def decode_chunks(self, z: Tensor) -> Iterator[Tensor]:
         """z [B, 16, T, h, w] (already divided by scaling_factor) -> the video [B, 3, F_i, 8h, 8w] of each of
@@ -311,7 +312,15 @@ class CogVideoXDecoder(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """z [B, 16, T, h, w] (already divided by scaling_factor) -> video [B, 3, F, 8h, 8w] in about [-1, 1],
         F = 4(T - 1) + 1 for odd T (4T for even T), decoded in diffusers' temporal chunks."""
-        return torch.cat(list(self.decode_chunks(z)), dim=2)
+        b, _, t, h, w = z.shape
+        levels, up = self.config.temporal_upsample_levels, self.config.spatial_compression
+        num_frames = sum(decoded_frames(c.stop - c.start, levels) for c in latent_chunks(t))
+        video = z.new_empty(b, self.config.out_channels, num_frames, up * h, up * w)  # one copy of the video
+        start = 0
+        for frames in self.decode_chunks(z):
+            video[:, :, start : start + frames.shape[2]] = frames
+            start += frames.shape[2]
+        return video
 
 
 VAE_LAYOUT = (

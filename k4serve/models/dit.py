@@ -236,10 +236,14 @@ class OutLayer(nn.Module):
     def forward(self, visual: Tensor, time_embed: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """visual tokens [B, N, D] -> [B, T, H, W, C_out]; output features are ordered (c, pt, ph, pw)."""
         shift, scale = self.modulation_out(self.modulation_activation(time_embed))[:, None].chunk(2, dim=-1)
-        x = self.out_layer(self.norm(visual) * (scale + 1.0) + shift)
-        (t, h, w), (pt, ph, pw) = grid, self.patch_size
-        x = x.view(x.shape[0], t, h, w, -1, pt, ph, pw)
-        return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(x.shape[0], t * pt, h * ph, w * pw, -1)
+        return unpatchify(self.out_layer(self.norm(visual) * (scale + 1.0) + shift), grid, self.patch_size)
+
+
+def unpatchify(x: Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> Tensor:
+    """Output tokens [B, t·h·w, C·pt·ph·pw], features ordered (c, pt, ph, pw) -> [B, t·pt, h·ph, w·pw, C]."""
+    (t, h, w), (pt, ph, pw) = grid, patch_size
+    x = x.view(x.shape[0], t, h, w, -1, pt, ph, pw)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(x.shape[0], t * pt, h * ph, w * pw, -1)
 
 
 class DiffusionTransformer3D(nn.Module):

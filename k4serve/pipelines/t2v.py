@@ -185,7 +185,7 @@ class T2VPipeline:
         if self.settings.engine == "fast":
             from k4serve.engines.torch import FastDiT
 
-            return FastDiT.from_module(self.dit, attention=self.settings.attention, linear=self.settings.linear)
+            return FastDiT(self.dit, attention=self.settings.attention, linear=self.settings.linear)
         if self.settings.engine != "eager":
             raise ValueError(f"unknown engine {self.settings.engine!r}; choose 'eager' or 'fast'")
         device = torch.device(self.devices["dit"])

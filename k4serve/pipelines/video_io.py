@@ -17,6 +17,7 @@ import numpy as np
 
 FPS = 8  # the official T2V frame rate
 CRF = 5  # the official writer's quality setting (near-lossless H.264)
+SAMPLE_RATE = 44100  # of audio given without one
 
 
 def _check_frames(frames: np.ndarray) -> None:
@@ -32,7 +33,7 @@ class Mp4Encoder:
     """
 
     def __init__(self, height: int, width: int, fps: float = FPS, audio: np.ndarray | None = None,
-                 sample_rate: int = 44100):  # fmt: skip
+                 sample_rate: int = SAMPLE_RATE):  # fmt: skip
         self.shape = (height, width, 3)
         self.frames = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="k4serve-mp4-")
@@ -46,14 +47,14 @@ class Mp4Encoder:
         cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-movflags", "+faststart", str(self.path)]
         self._log = (tmp / "ffmpeg.log").open("wb")  # a file, not a pipe: ffmpeg never blocks on its stderr
         self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
-        self._chunks: queue.Queue[bytes | None] = queue.Queue()
+        self._chunks: queue.Queue[np.ndarray | None] = queue.Queue()
         self._feeder = threading.Thread(target=self._feed, name="mp4-feeder", daemon=True)
         self._feeder.start()
 
     def _feed(self) -> None:
         try:
             while (chunk := self._chunks.get()) is not None:
-                self._process.stdin.write(chunk)
+                self._process.stdin.write(memoryview(chunk))
         except BrokenPipeError:  # ffmpeg exited; finish() reports its log
             pass
         finally:
@@ -61,12 +62,12 @@ class Mp4Encoder:
                 self._process.stdin.close()
 
     def write(self, frames: np.ndarray) -> None:
-        """Queue uint8 frames [F, H, W, 3] for encoding."""
+        """Queue uint8 frames [F, H, W, 3] for encoding (not copied: leave them unchanged until finish())."""
         _check_frames(frames)
         if frames.shape[1:] != self.shape:
             raise ValueError(f"frames are {list(frames.shape[1:])}, this encoder takes {list(self.shape)}")
         self.frames += len(frames)
-        self._chunks.put(np.ascontiguousarray(frames).tobytes())
+        self._chunks.put(np.ascontiguousarray(frames))
 
     def finish(self) -> bytes:
         """Wait for ffmpeg and return the mp4 bytes; raise RuntimeError with ffmpeg's message if it failed."""
@@ -98,7 +99,7 @@ class Mp4Encoder:
 
 
 def encode_mp4(
-    frames: np.ndarray, fps: float = FPS, audio: np.ndarray | None = None, sample_rate: int = 44100
+    frames: np.ndarray, fps: float = FPS, audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE
 ) -> bytes:
     """uint8 frames [F, H, W, 3] (+ mono float audio in [-1, 1]) -> mp4 bytes (H.264 yuv420p, AAC)."""
     _check_frames(frames)

@@ -10,9 +10,9 @@ import argparse
 import signal
 from pathlib import Path
 
-from k4serve.engines.base import ATTENTION, LINEAR
-from k4serve.pipelines.t2v import PIPELINE_PRESETS
+from k4serve.cli import add_model_arguments
 from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, ServerOptions, TritonServer
+from k4serve.serving.settings import ENV_PREFIX, SETTING_KEYS
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -27,11 +27,7 @@ def parse_gpus(text: str) -> list[int]:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `k4serve serve`."""
-    parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=None, help="default: the configs' (tiny)")
-    parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
-    parser.add_argument("--engine", choices=("eager", "fast"), default=None)
-    parser.add_argument("--attention", choices=ATTENTION, default=None)
-    parser.add_argument("--linear", choices=LINEAR, default=None, help="the DiT's linear-layer dtype")
+    add_model_arguments(parser)  # unset: each stage's config.pbtxt decides (tiny, eager)
     parser.add_argument("--gpus", type=parse_gpus, default=None, help="0,1: stages on these GPUs; none: CPU only")
     parser.add_argument("--model-repository", type=Path, default=REPO_MODEL_REPOSITORY)
     parser.add_argument(
@@ -53,10 +49,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def stage_env(args: argparse.Namespace) -> dict[str, str]:
     """K4SERVE_* variables for the settings given on the command line (the rest come from config.pbtxt)."""
     env = {}
-    for key in ("preset", "weights", "engine", "attention", "linear"):
+    for key in SETTING_KEYS:
         value = getattr(args, key)
         if value is not None:
-            env[f"K4SERVE_{key.upper()}"] = str(Path(value).resolve()) if key == "weights" else value
+            env[ENV_PREFIX + key.upper()] = str(Path(value).resolve()) if key == "weights" else value
     return env
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from k4serve.pipelines.t2v import LATENT_CHANNELS, PipelineSettings, RequestError, T2VPipeline
-from k4serve.pipelines.video_io import FPS, encode_mp4
+from k4serve.pipelines.video_io import FPS, SAMPLE_RATE, encode_mp4
 from k4serve.serving.backend import (
     StageModel,
     bytes_tensor,
@@ -20,8 +20,6 @@ from k4serve.serving.backend import (
 )
 from k4serve.serving.requests import VideoShape, decode_prompt
 from k4serve.serving.settings import pipeline_options
-
-DEFAULT_SAMPLE_RATE = 44100
 
 
 class PipelineStage(StageModel):
@@ -97,6 +95,6 @@ class MuxerModel(StageModel):
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise RequestError(f"FRAMES must be uint8 [F, H, W, 3], got {list(frames.shape)}")
         audio = input_torch(request, "AUDIO", required=False)
-        sample_rate = input_int(request, "SAMPLE_RATE", required=False) or DEFAULT_SAMPLE_RATE
+        sample_rate = input_int(request, "SAMPLE_RATE", required=False) or SAMPLE_RATE
         mp4 = encode_mp4(frames, FPS, None if audio is None else audio.cpu().numpy(), sample_rate)
         return [bytes_tensor("MP4", mp4)]
