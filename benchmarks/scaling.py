@@ -1,8 +1,9 @@
 """Multi-GPU scaling on one host, 1, 2, 4, 8 GPUs: a table printed and appended to benchmarks/RESULTS.md.
 
-What has run: the 1-GPU row on one H100 (`table --gpus 1 --skip-server`, in RESULTS.md); the latency mode in
-its CPU smoke form (`--device-type cpu --preset tiny`, gloo instead of NCCL); the throughput mode against a
-stand-in CPU Python-backend model. No multi-GPU host has been lent, so the 2, 4 and 8 GPU rows are unrun.
+What has run (RESULTS.md): the latency rows for 1 and 2 GPUs on two H200s (`table --gpus 1 2 --skip-server`);
+the latency mode in its CPU smoke form (`--device-type cpu --preset tiny`, gloo instead of NCCL); the throughput
+mode against a stand-in CPU Python-backend model, and once on two H200s, where the instances on GPU 1 failed (since
+fixed, not yet re-run). No 4- or 8-GPU host has been lent.
 
 The two modes of issue 5:
 - latency (one video over N GPUs): `torchrun` starts N processes; the DiT runs sequence-parallel

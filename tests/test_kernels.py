@@ -291,6 +291,18 @@ def test_spatial_norm_silu_into_a_padded_buffer_matches_float64(t, t_lat, up):
     assert rel_error(out, want) < (4e-3 if CUDA else 1e-6)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (the VAE on GPU 1)")
+def test_spatial_norm_silu_on_the_second_gpu_while_the_first_is_current():
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 8, 9, 8, 12, generator=g).to("cuda:1", torch.bfloat16)
+    scale, shift = (torch.randn(2, 8, 3, 4, 6, generator=g).to("cuda:1", torch.bfloat16) for _ in range(2))
+    weight, bias = (torch.randn(8, generator=g).to("cuda:1", torch.bfloat16) for _ in range(2))
+    torch.cuda.set_device(0)
+    out = spatial_norm_silu(x, scale, shift, weight, bias, groups=4, eps=1e-6)
+    want = spatial_norm_silu_reference(x, scale, shift, weight, bias, groups=4, eps=1e-6)
+    assert out.device == x.device and rel_error(out, want) < 4e-3
+
+
 def test_spatial_norm_silu_refuses_a_grid_it_cannot_upsample():
     x = torch.randn(1, 8, 6, 8, 12, device=DEVICE)
     scale = torch.randn(1, 8, 4, 4, 6, device=DEVICE)  # nearest upsampling in time repeats each frame k times

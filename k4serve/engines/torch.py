@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from k4serve.engines.base import ATTENTION, LINEAR, Shape
 from k4serve.export.quantize import Fp8Linear
 from k4serve.kernels import attention as attn
+from k4serve.kernels import on_device
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
 from k4serve.kernels.norm_modulate import norm_modulate
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8
@@ -99,22 +100,24 @@ class FastDiT:
 
     def load(self, shapes: Sequence[Shape], text_len: int = TEXT_LEN) -> None:
         """Prepare each latent shape [B, T, H/8, W/8, C] (text [B, text_len, in_text_dim]) before first use."""
-        for shape in shapes:
-            self._prepare(tuple(shape), (shape[0], text_len, self.config.in_text_dim))
+        with on_device(self.device):
+            for shape in shapes:
+                self._prepare(tuple(shape), (shape[0], text_len, self.config.in_text_dim))
 
     @torch.no_grad()
     def __call__(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
         """x [B, T, H/8, W/8, 16], text_embed [B, L, in_text_dim], time [B] -> velocity, like the module."""
-        key = (tuple(x.shape), tuple(text_embed.shape))
-        if key not in self._buckets:
-            self._prepare(*key)
-        if self._buckets[key] is None:
-            return self.forward(x, text_embed, time)
-        graph, inputs, out = self._buckets[key]
-        for static, given in zip(inputs, (x, text_embed, time), strict=True):
-            static.copy_(given)
-        graph.replay()
-        return out.clone()  # the static buffer is overwritten by the next replay
+        with on_device(self.device):  # the kernels, side streams and graphs on the model's GPU, not GPU 0
+            key = (tuple(x.shape), tuple(text_embed.shape))
+            if key not in self._buckets:
+                self._prepare(*key)
+            if self._buckets[key] is None:
+                return self.forward(x, text_embed, time)
+            graph, inputs, out = self._buckets[key]
+            for static, given in zip(inputs, (x, text_embed, time), strict=True):
+                static.copy_(given)
+            graph.replay()
+            return out.clone()  # the static buffer is overwritten by the next replay
 
     @torch.no_grad()
     def _prepare(self, x_shape: Shape, text_shape: Shape) -> None:

@@ -5,6 +5,7 @@ choice for its own library functions when it is first imported, so the switch is
 process that imported triton earlier (torch._dynamo does) is told how to fix it.
 """
 
+import contextlib
 import os
 
 import torch
@@ -19,3 +20,12 @@ if not torch.cuda.is_available():
             "triton was imported before its CPU interpreter was selected, so the kernels cannot run here: "
             "set TRITON_INTERPRET=1 in the environment (or import k4serve.kernels before torch._dynamo / triton)"
         )
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current CUDA device for the block (nothing for a CPU device).
+
+    Triton launches a kernel, and torch makes its side streams and CUDA graphs, on the *current* device, not on
+    the device of the tensors: work on a second GPU (a Triton instance on GPU 1, a device map) must say so.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from k4serve.kernels import on_device
+
 CHUNK = 8192  # elements per statistics program
 STATS_BLOCK = 1024
 APPLY_BLOCK = 1024
@@ -60,7 +62,8 @@ def group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
     chunks = triton.cdiv(group_numel, CHUNK)
     means = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
-    _chunk_moments_kernel[(rows, chunks)](x, means, m2s, group_numel, CHUNK=CHUNK, BLOCK=STATS_BLOCK, num_warps=4)
+    with on_device(x.device):
+        _chunk_moments_kernel[(rows, chunks)](x, means, m2s, group_numel, CHUNK=CHUNK, BLOCK=STATS_BLOCK, num_warps=4)
     # Chan et al.: M2 = Σ M2_i + Σ n_i (mean_i - mean)²; float64 so the merge itself adds no error.
     counts = torch.full((chunks,), float(CHUNK), device=x.device, dtype=torch.float64)
     counts[-1] = group_numel - CHUNK * (chunks - 1)
@@ -126,12 +129,13 @@ def spatial_norm_silu(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, b
         raise ValueError(f"scale and shift {tuple(scale.shape)} must be [B, C, t, h, w] dividing x {tuple(x.shape)}")
     lone_first, frame_factor = time_upsampling(t, t_lat)
     mean, rstd = group_norm_stats(x, groups, eps)
-    _spatial_norm_silu_kernel[(b * c * t, triton.cdiv(h * w, APPLY_BLOCK))](
-        x, out, mean, rstd, weight, bias, scale.contiguous(), shift.contiguous(),
-        c, t, h * w, w, c // groups, out.stride(1),
-        t_lat, h_lat, w_lat, frame_factor, lone_first, h // h_lat, w // w_lat,
-        BLOCK=APPLY_BLOCK, num_warps=4,
-    )  # fmt: skip
+    with on_device(x.device):
+        _spatial_norm_silu_kernel[(b * c * t, triton.cdiv(h * w, APPLY_BLOCK))](
+            x, out, mean, rstd, weight, bias, scale.contiguous(), shift.contiguous(),
+            c, t, h * w, w, c // groups, out.stride(1),
+            t_lat, h_lat, w_lat, frame_factor, lone_first, h // h_lat, w // w_lat,
+            BLOCK=APPLY_BLOCK, num_warps=4,
+        )  # fmt: skip
     return out
 
 

@@ -137,6 +137,10 @@ class StageModel:
         check_numpy()
         self.model_config = json.loads(args["model_config"])
         self.device = stage_device(args) if self.uses_device else "cpu"
+        if torch.device(self.device).type == "cuda":
+            # The stub process works on this instance's GPU alone: make it current, or torch's DLPack export of an
+            # output (and Triton kernels, CUDA graphs) would look for it on GPU 0.
+            torch.cuda.set_device(self.device)
         self.metrics = StageMetrics(args["model_name"], args["model_instance_name"], self.device)
         self.setup()
         pb_utils.Logger.log_info(f"k4serve {args['model_instance_name']}: {self.stage} ready on {self.device}")
