@@ -258,7 +258,8 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
 
     def cell(row: dict, key: str, fmt: str, speedup: bool = False, higher_is_better: bool = False) -> str:
         if key not in row:
-            return "—"
+            mode = "server" if key == "videos_per_min" else "latency"
+            return "failed" if mode in row.get("failed", []) else "—"
         text = format(row[key], fmt)
         if speedup and base is not None and key in base:
             ratio = row[key] / base[key] if higher_is_better else base[key] / row[key]
@@ -292,14 +293,21 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_table(args: argparse.Namespace) -> None:
+def run_table(args: argparse.Namespace) -> int:
+    """Every row; a mode that fails marks its cells and the run goes on (device time is scarce). Exit code."""
     rows = []
     for gpus in args.gpus:
-        row = {"gpus": gpus}
-        if not args.skip_latency:
-            row |= run_latency_row(args, gpus)
-        if not args.skip_server:
-            row["videos_per_min"] = run_throughput(args, gpus)
+        row: dict = {"gpus": gpus}
+        for mode, run in (("latency", run_latency_row), ("server", run_throughput)):
+            if getattr(args, f"skip_{mode}"):
+                continue
+            try:
+                result = run(args, gpus)
+            except (Exception, SystemExit) as error:  # SystemExit: wait_ready's and request_inputs' verdicts
+                print(f"{gpus} GPU(s), {mode} failed: {error!r}", file=sys.stderr, flush=True)
+                row["failed"] = [*row.get("failed", []), mode]
+                continue
+            row |= result if mode == "latency" else {"videos_per_min": result}
         rows.append(row)
         print(json.dumps(row), flush=True)
     table = format_table(rows, args)
@@ -308,6 +316,7 @@ def run_table(args: argparse.Namespace) -> None:
         with RESULTS.open("a") as results:
             results.write("\n" + table)
         print(f"appended to {RESULTS}")
+    return 1 if any("failed" in row for row in rows) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
+def main() -> int:
     args = build_parser().parse_args()
     if args.command == "latency":
         row = run_latency(args)
@@ -351,8 +360,9 @@ def main() -> None:
     elif args.command == "throughput":
         print(f"{args.gpus} GPU(s): {run_throughput(args, args.gpus):.2f} videos/min")
     else:
-        run_table(args)
+        return run_table(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
