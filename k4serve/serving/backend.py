@@ -137,7 +137,7 @@ class StageModel:
         check_numpy()
         self.model_config = json.loads(args["model_config"])
         self.device = stage_device(args) if self.uses_device else "cpu"
-        if torch.device(self.device).type == "cuda":
+        if torch.device(self.device).index is not None:  # cuda:N ("cuda" alone already means the current GPU)
             # The stub process works on this instance's GPU alone: make it current, or torch's DLPack export of an
             # output (and Triton kernels, CUDA graphs) would look for it on GPU 0.
             torch.cuda.set_device(self.device)
