@@ -20,6 +20,8 @@ Usage:
   python benchmarks/scaling.py table --gpus 1 2 4 8 --skip-server
   torchrun --standalone --nproc-per-node 4 benchmarks/scaling.py latency --json row.json
   python benchmarks/scaling.py throughput --gpus 4 --server-cmd "k4serve serve"
+On a GPU host whose image lacks the serving wheels and the network: `bash scripts/gpu_bundle.sh` here, carry
+`.whl`, and `source .whl/gpu_serve.sh` there first; then `--server-cmd "python -m k4serve.cli serve ..."`.
 The server's request inputs are matched by name (case-insensitive) to the JSON in `--request`.
 """
 
