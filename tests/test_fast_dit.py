@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels import exact_fp8_casts, rel_error  # noqa: F401  (fixture re-used by name)
+from test_kernels import exact_fp8_casts, rel_error, two_gpus  # noqa: F401  (fixture re-used by name)
 
 from k4serve.engines.base import Engine
 from k4serve.engines.torch import FastDiT
@@ -16,7 +16,6 @@ CUDA = torch.cuda.is_available()  # without it tests/conftest.py selected Triton
 SMALL = DiTConfig(in_text_dim=32, time_dim=32, model_dim=64, ff_dim=128, num_blocks=1, axes_dims=(4, 6, 6))
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 interpreter = pytest.mark.skipif(CUDA, reason="float32 check for the CPU interpreter; CUDA runs the bf16 test")
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a model on GPU 1)")
 
 
 def inputs(config: DiTConfig, device: str, dtype: torch.dtype, grid=(3, 8, 12), text_len: int = 9):
@@ -54,32 +53,20 @@ def test_engine_interface_and_bad_options():
 
 
 @gpu
+# cuda:1 while GPU 0 stays current (a Triton instance on GPU 1, a device map): kernels, streams, graphs follow the model
+@pytest.mark.parametrize("device", ["cuda:0", pytest.param("cuda:1", marks=two_gpus)])
 @pytest.mark.parametrize("attention, linear, bound", [("triton", "bf16", 2e-2), ("triton-fp8", "fp8", 1.5e-1)])
-def test_cuda_graph_engine_against_autocast_module(attention, linear, bound):
+def test_cuda_graph_engine_against_autocast_module(attention, linear, bound, device):
     config = DiTConfig(in_text_dim=256, time_dim=128, model_dim=512, ff_dim=2048, num_blocks=2)  # head_dim 64
-    dit = build_dit(config, device="cuda", dtype=torch.bfloat16, seed=4)
-    x, text, time = inputs(config, "cuda", torch.bfloat16, grid=(5, 16, 24), text_len=224)
+    dit = build_dit(config, device=device, dtype=torch.bfloat16, seed=4)
+    x, text, time = inputs(config, device, torch.bfloat16, grid=(5, 16, 24), text_len=224)
+    torch.cuda.set_device(0)
     engine = FastDiT(dit, attention=attention, linear=linear)
     out = engine(x, text, time)  # first call: tune + capture, then replay
-    assert engine.shapes == (tuple(x.shape),)
+    assert engine.shapes == (tuple(x.shape),) and out.device == x.device
     torch.testing.assert_close(engine(x, text, time), out, rtol=0, atol=0)  # replays are deterministic
-    torch.testing.assert_close(engine.forward(x, text, time), out, rtol=0, atol=0)  # the graph is the forward
+    with torch.cuda.device(x.device):  # forward, the graph's body, runs on the current device as captured
+        torch.testing.assert_close(engine.forward(x, text, time), out, rtol=0, atol=0)  # the graph is the forward
     with torch.autocast("cuda", dtype=torch.bfloat16):
         expected = dit(x, text, time)
     assert rel_error(out, expected) < bound
-
-
-@two_gpus
-def test_engine_on_the_second_gpu_while_the_first_is_current():
-    # A Triton instance on GPU 1 or a device map: kernels, side streams and graphs must follow the model's GPU.
-    config = DiTConfig(in_text_dim=256, time_dim=128, model_dim=512, ff_dim=2048, num_blocks=2)  # head_dim 64
-    dit = build_dit(config, device="cuda:1", dtype=torch.bfloat16, seed=5)
-    x, text, time = inputs(config, "cuda:1", torch.bfloat16, grid=(5, 16, 24), text_len=224)
-    torch.cuda.set_device(0)
-    engine = FastDiT(dit, attention="triton-fp8", linear="fp8")
-    out = engine(x, text, time)  # tune + capture on GPU 1, then replay
-    assert out.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
-    torch.testing.assert_close(engine(x, text, time), out, rtol=0, atol=0)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        expected = dit(x, text, time)
-    assert rel_error(out, expected) < 1.5e-1
