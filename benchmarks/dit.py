@@ -29,8 +29,8 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from k4serve.engines.torch import TEXT_LEN, FastDiT
-from k4serve.export.quantize import quantize_rowwise
 from k4serve.kernels import attention as attn
+from k4serve.kernels.quantize import quantize_rowwise
 from k4serve.models.dit import DiTConfig, build_dit
 from k4serve.models.schedulers import FlashSampler
 from k4serve.pipelines.t2v import latent_shape

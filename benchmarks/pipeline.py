@@ -19,7 +19,7 @@ import torch
 from results import append_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from k4serve.cli import parse_size
+from k4serve.cli_options import parse_size
 from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline
 from k4serve.pipelines.video_io import encode_mp4
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from k4serve.cli import parse_size
+from k4serve.cli_options import parse_size
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PROMPT = "A red fox runs through fresh snow in a pine forest at sunrise, cinematic"

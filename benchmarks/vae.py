@@ -17,7 +17,7 @@ import time
 import torch
 from results import append_table
 
-from k4serve.cli import parse_size
+from k4serve.cli_options import parse_size
 from k4serve.models.cogvideox_vae import build_cogvideox_decoder
 from k4serve.pipelines.t2v import latent_shape
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from k4serve.export.quantize import FP8_MAX, Fp8Linear, quantize_rowwise
 from k4serve.kernels.attention import (
     CANDIDATES,
     AttentionConfig,
@@ -29,6 +28,7 @@ from k4serve.kernels.group_norm import (
 )
 from k4serve.kernels.norm_modulate import norm_modulate, norm_modulate_reference
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8, qk_norm_rope_reference
+from k4serve.kernels.quantize import FP8_MAX, Fp8Linear, quantize_rowwise
 
 CUDA = torch.cuda.is_available()  # without it tests/conftest.py selected Triton's CPU interpreter
 DEVICE = "cuda" if CUDA else "cpu"
@@ -242,7 +242,7 @@ def test_quantize_rows_matches_torch_quantizer():
     assert rel_error(q.double() * scale, x) < 4e-2  # every row keeps its own range
 
 
-# ---- fp8 linear (export/quantize.py) ----
+# ---- fp8 linear (kernels/quantize.py) ----
 
 
 def test_fp8_linear_against_dequantized_and_exact_products():

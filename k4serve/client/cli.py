@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from k4serve.cli import parse_size
+from k4serve.cli_options import parse_size
 from k4serve.client import DEFAULT_URL
 
 if TYPE_CHECKING:

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k4serve.engines.base import ATTENTION, LINEAR, Shape
-from k4serve.export.quantize import Fp8Linear
 from k4serve.kernels import attention as attn
 from k4serve.kernels import on_device
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
 from k4serve.kernels.norm_modulate import norm_modulate
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8
+from k4serve.kernels.quantize import Fp8Linear
 from k4serve.models.dit import DiffusionTransformer3D, TransformerBlock, sdpa_attention, unpatchify
 
 TEXT_LEN = 224  # T5 max_length: the text shape of every bucket the pipelines serve

@@ -6,11 +6,13 @@ process that imported triton earlier (torch._dynamo does) is told how to fix it.
 """
 
 import contextlib
+import importlib.util
 import os
 
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    # (without triton, only the torch modules here import: the fp8 quantizer that the ONNX exporter uses)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction

@@ -26,7 +26,7 @@ from torch import Tensor
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from k4serve.export.quantize import fp8_scale, quantize_rowwise, to_fp8
+from k4serve.kernels.quantize import fp8_scale, quantize_rowwise, to_fp8
 
 LOG2E = 1.4426950408889634
 P_SHIFT = tl.constexpr(8.0)  # fp8 P = exp2(s - m + 8) lies in (0, 256]: e4m3's subnormals start at 2^-9

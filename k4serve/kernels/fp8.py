@@ -1,6 +1,6 @@
 """The e4m3 rounding step shared by the kernels that write fp8 GEMM / attention operands.
 
-Same recipe as `k4serve.export.quantize`: scale = max(amax, 1e-12) / 448 is stored, and the kernel multiplies
+Same recipe as `k4serve.kernels.quantize`: scale = max(amax, 1e-12) / 448 is stored, and the kernel multiplies
 by its reciprocal (one division per row or block, not per element).
 """
 
@@ -10,7 +10,7 @@ import triton.language as tl
 
 @triton.jit
 def fp8_inverse_scale(amax):
-    """(448 / amax, amax / 448) with the all-zero floor of export.quantize."""
+    """(448 / amax, amax / 448) with the all-zero floor of kernels.quantize."""
     amax = tl.maximum(amax, 1e-12)
     return 448.0 / amax, amax / 448.0
 

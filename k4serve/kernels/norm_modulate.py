@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from k4serve.export.quantize import FP8_DTYPE
 from k4serve.kernels.fp8 import store_row
+from k4serve.kernels.quantize import FP8_DTYPE
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import argparse
 import signal
 from pathlib import Path
 
-from k4serve.cli import add_model_arguments
+from k4serve.cli_options import add_model_arguments
 from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, ServerOptions, TritonServer
 from k4serve.serving.settings import ENV_PREFIX, SETTING_KEYS
 
