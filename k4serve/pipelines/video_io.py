@@ -1,4 +1,10 @@
-"""Frames in and out of files: H.264 mp4 (optionally with AAC audio) and PNG, through imageio-ffmpeg's ffmpeg."""
+"""Frames in and out of files: H.264 mp4 (optionally with AAC audio) and PNG, through imageio-ffmpeg's ffmpeg.
+
+Audio and video timing (README "Video to audio: timing"): by default the video keeps its frame rate and the
+audio is padded with silence (or cut) to the video's length, so every frame plays at its own time and the
+AAC stream ends with the last frame; `timing="retime"` reproduces the official instead, which keeps the
+audio and plays the frames at n_frames / audio_seconds fps (moviepy's `ImageSequenceClip(fps=...)`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import tempfile
 import threading
 import wave
 import zlib
+from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import imageio_ffmpeg
 import numpy as np
@@ -18,6 +26,7 @@ import numpy as np
 FPS = 8  # the official T2V frame rate
 CRF = 5  # the official writer's quality setting (near-lossless H.264)
 SAMPLE_RATE = 44100  # of audio given without one
+AudioTiming = Literal["pad", "retime"]
 
 
 def _check_frames(frames: np.ndarray) -> None:
@@ -29,10 +38,12 @@ class Mp4Encoder:
     """H.264 (yuv420p) + optional AAC mp4 through ffmpeg, fed frame chunks as they come.
 
     A thread feeds ffmpeg's stdin, so `write` returns at once and ffmpeg encodes on the CPU while the caller
-    decodes the next chunk on the GPU. `finish()` returns the mp4 bytes.
+    decodes the next chunk on the GPU. `finish()` returns the mp4 bytes. Audio (mono float in [-1, 1]) is
+    muxed as given: fit it to the video first (`fit_audio_to_video`, or `encode_mp4` does it). No `-shortest`:
+    it drops the last video frame when both streams have the same length.
     """
 
-    def __init__(self, height: int, width: int, fps: float = FPS, audio: np.ndarray | None = None,
+    def __init__(self, height: int, width: int, fps: float | Fraction = FPS, audio: np.ndarray | None = None,
                  sample_rate: int = SAMPLE_RATE):  # fmt: skip
         self.shape = (height, width, 3)
         self.frames = 0
@@ -43,7 +54,7 @@ class Mp4Encoder:
         cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-"]
         if audio is not None:
             write_wav(tmp / "audio.wav", audio, sample_rate)
-            cmd += ["-i", str(tmp / "audio.wav"), "-c:a", "aac", "-shortest"]
+            cmd += ["-i", str(tmp / "audio.wav"), "-c:a", "aac"]
         cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-movflags", "+faststart", str(self.path)]
         self._log = (tmp / "ffmpeg.log").open("wb")  # a file, not a pipe: ffmpeg never blocks on its stderr
         self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
@@ -99,18 +110,47 @@ class Mp4Encoder:
 
 
 def encode_mp4(
-    frames: np.ndarray, fps: float = FPS, audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE
+    frames: np.ndarray,
+    fps: float = FPS,
+    audio: np.ndarray | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    timing: AudioTiming = "pad",
 ) -> bytes:
-    """uint8 frames [F, H, W, 3] (+ mono float audio in [-1, 1]) -> mp4 bytes (H.264 yuv420p, AAC)."""
+    """uint8 frames [F, H, W, 3] (+ mono float audio in [-1, 1]) -> mp4 bytes (H.264 yuv420p, AAC).
+
+    timing "pad": the video keeps `fps`, the audio is padded with silence or cut to F / fps; "retime": the audio
+    is kept and the frames play at F / audio_seconds fps (the official). Either way the streams end together.
+    """
     _check_frames(frames)
+    if audio is not None:
+        if timing == "pad":
+            audio = fit_audio_to_video(audio, len(frames), fps, sample_rate)
+        elif timing == "retime":
+            fps = retimed_fps(len(frames), len(audio), sample_rate)
+        else:
+            raise ValueError(f"timing must be 'pad' or 'retime', got {timing!r}")
     with Mp4Encoder(frames.shape[1], frames.shape[2], fps, audio, sample_rate) as encoder:
         encoder.write(frames)
         return encoder.finish()
 
 
+def fit_audio_to_video(audio: np.ndarray, n_frames: int, fps: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono audio [N] -> [round(n_frames / fps * sample_rate)]: silence appended, or the tail cut."""
+    length = round(n_frames * sample_rate / fps)
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)[:length]
+    return np.pad(audio, (0, length - len(audio)))
+
+
+def retimed_fps(n_frames: int, n_samples: int, sample_rate: int = SAMPLE_RATE) -> Fraction:
+    """The official frame rate for muxing: n_frames spread over the audio's duration (exact, as a fraction)."""
+    if n_samples <= 0:
+        raise ValueError("retiming needs audio with at least one sample")
+    return Fraction(n_frames * sample_rate, n_samples)
+
+
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
-    """Mono float audio in [-1, 1] -> 16-bit PCM wav."""
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    """Mono float audio in [-1, 1] -> 16-bit PCM wav; x * 32768 rounded, so int16 / 32768 audio round-trips."""
+    pcm = np.clip(np.round(np.asarray(audio, dtype=np.float64) * 32768), -32768, 32767).astype("<i2")
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
