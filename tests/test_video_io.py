@@ -203,3 +203,13 @@ def test_probe_parsing_of_ffmpeg_stream_lines():
     with pytest.raises(MediaError, match="no video stream"):
         parse_ffmpeg_probe(only_cover)
     assert conditioning_frame_indices(360).tolist()[:3] == [0, 3, 7] and conditioning_frame_indices(360)[-1] == 359
+
+
+def test_the_printed_ntsc_rates_give_the_trim_of_the_exact_rates():
+    for exact, printed in [
+        (Fraction(24000, 1001), 23.98),
+        (Fraction(30000, 1001), 29.97),
+        (Fraction(60000, 1001), 59.94),
+    ]:
+        for n in range(1, 13 * 60):  # torchvision gives the official the exact rate; ffmpeg prints two decimals
+            assert official_trim(n, float(exact)) == official_trim(n, printed), (printed, n)

@@ -6,7 +6,8 @@ conversion, no rotation) and then keeps the first `int(n / fps)` whole seconds, 
 (`-fps_mode passthrough -noautorotate`), but only as many frames as that trim can keep, and only after the
 container's metadata has passed the limits, so an upload cannot make the server decode an hour of 4K video.
 The frame rate is ffmpeg's average rate as it prints it (two decimals: 29.97 for 30000/1001), which gives
-the official's trim for every common rate.
+the official's trim (computed from the exact rate) for integer rates and for 24000/1001, 30000/1001 and
+60000/1001 at every duration up to 12 s.
 """
 
 from __future__ import annotations
