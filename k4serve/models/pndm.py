@@ -74,6 +74,15 @@ def plms_timesteps(config: PNDMConfig, num_steps: int = V2A_STEPS) -> list[int]:
     return spaced[:2] + spaced[1:]
 
 
+# A V2A UNet call: (sample, timestep, prompt_embeds, video_embeds) -> eps; V2AUNet or an engine (FastUNet).
+UNetFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def unet_denoiser(unet: UNetFn, prompt_embeds: Tensor, video_embeds: Tensor) -> Denoiser:
+    """The sampler's denoiser: `unet` with the batched conditioning bound ([uncond; cond] rows under guidance)."""
+    return lambda x, t: unet(x, t, prompt_embeds, video_embeds)
+
+
 def adams_bashforth(history: list[Tensor]) -> Tensor:
     """PLMS's combination of the last 1..4 noise predictions (oldest first), in diffusers' operation order."""
     if len(history) == 1:
