@@ -97,7 +97,6 @@ def diffusers_unet(config, official: bool, seed: int = 0) -> UNet2DConditionMode
         norm_eps=config.norm_eps,
         flip_sin_to_cos=config.flip_sin_to_cos,
         freq_shift=config.freq_shift,
-        use_linear_projection=config.use_linear_projection,
     )
     if official:
         processors = {}

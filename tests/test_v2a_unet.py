@@ -67,10 +67,10 @@ def test_official_checkpoint_loads_and_matches_the_official_model(official, widt
     assert relative_error(unet(sample, t, prompt, torch.zeros_like(video)), expected) > 1e-2
 
 
-@pytest.mark.parametrize("width, linear_projection", [(37, False), (24, False), (37, True)])
-def test_base_path_equals_diffusers_unet(width, linear_projection):
+@pytest.mark.parametrize("width", [37, 24])
+def test_base_path_equals_diffusers_unet(width):
     """video_out zero (as initialised) and one shared text projection: exactly the plain SD UNet on projected text."""
-    config = V2AUNetConfig(**{**TINY.__dict__, "use_linear_projection": linear_projection})
+    config = TINY
     reference = diffusers_unet(config, official=False, seed=1)
     unet = build_v2a_unet(config, seed=2)
     unet.load_state_dict(reference.state_dict(), strict=False)  # every base key; the additions stay ours
@@ -194,11 +194,18 @@ def test_full_size_config_json_and_parameter_counts(tmp_path):
     assert latent_shape(12) == (4, 64, 148) and latent_shape(1) == (4, 64, 12)
 
 
-@pytest.mark.parametrize("key, value", [("class_embed_type", "timestep"), ("down_block_types", ["DownBlock2D"] * 4)])
+@pytest.mark.parametrize("key, value", [("act_fn", "gelu"), ("down_block_types", ["DownBlock2D"] * 4)])
 def test_unsupported_config_is_named(tmp_path, key, value):
     (tmp_path / "config.json").write_text(json.dumps({key: value}))
     with pytest.raises(CheckpointError, match=f"{key} = .* is not supported"):
         V2AUNetConfig.from_json(tmp_path / "config.json")
+
+
+def test_keys_outside_the_official_constructor_are_ignored_as_diffusers_does(tmp_path):
+    """The official subclass's signature has no use_linear_projection / num_attention_heads: diffusers drops them."""
+    raw = {"use_linear_projection": True, "num_attention_heads": 4, "upcast_attention": True, "sample_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert V2AUNetConfig.from_json(tmp_path / "config.json") == PRESETS["kandinsky4-v2a"]
 
 
 def test_bf16_stays_close_to_float32():

@@ -48,7 +48,6 @@ class V2AUNetConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    use_linear_projection: bool = False  # Transformer2D's proj_in/out: 1x1 convs (SD1.x) or linears
 
     def __post_init__(self):
         if isinstance(self.attention_head_dim, list):
@@ -79,51 +78,36 @@ class V2AUNetConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, feature_dim: int = 4096) -> V2AUNetConfig:
-        """Read a diffusers `unet/config.json`; a setting this model does not implement fails naming it."""
+        """Read a diffusers `unet/config.json` as the official model does.
+
+        The official subclass's constructor takes only the SD1.5 arguments, and diffusers drops every config key
+        its signature lacks (with a warning), so other keys are ignored here too; of those it takes, a value
+        this layout does not implement fails naming it."""
         raw = json.loads(Path(path).read_text())
         if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
             raise CheckpointError(f"{path} describes a {raw['_class_name']}, not a UNet2DConditionModel")
         n = len(raw.get("block_out_channels", cls.block_out_channels))
-        layout = {
+        fixed = {
+            "act_fn": "silu",
+            "center_input_sample": False,
+            "downsample_padding": 1,
+            "mid_block_scale_factor": 1,
             "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
         }
-        for key, expected in {**SD_UNET_FIXED, **layout}.items():
-            value = raw.get(key, expected)
-            if value != expected and not (key == "transformer_layers_per_block" and value == [1] * n):
-                raise CheckpointError(f"{path}: {key} = {value!r} is not supported (the SD1.5 UNet has {expected!r})")
-        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
-        if raw.get("num_attention_heads") is not None:  # diffusers: num_attention_heads or attention_head_dim
-            values["attention_head_dim"] = raw["num_attention_heads"]
+        for key, expected in fixed.items():
+            if list_or_value(raw.get(key, expected)) != expected:
+                raise CheckpointError(
+                    f"{path}: {key} = {raw[key]!r} is not supported (the SD1.5 UNet has {expected!r})"
+                )
+        values = {f.name: list_or_value(raw[f.name]) for f in fields(cls) if f.name in raw}
         return cls(**values, feature_dim=feature_dim)
 
 
-# diffusers UNet2DConditionModel settings that must keep these values (absent means the default).
-SD_UNET_FIXED = {
-    "act_fn": "silu",
-    "center_input_sample": False,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "transformer_layers_per_block": 1,
-    "only_cross_attention": False,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "addition_embed_type": None,
-    "encoder_hid_dim": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_cond_proj_dim": None,
-    "timestep_post_act": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "attention_type": "default",
-    "cross_attention_norm": None,
-}
+def list_or_value(value):
+    """JSON arrays as lists (a tuple in the config compares equal), anything else unchanged."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
 
 PRESETS: dict[str, V2AUNetConfig] = {
     "kandinsky4-v2a": V2AUNetConfig(),  # 1 036 931 780 parameters: SD1.5's 859 520 964 + 177 410 816 added
@@ -284,33 +268,25 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """diffusers' Transformer2DModel with one block: GroupNorm, proj_in, tokens (h, w raster), proj_out, residual."""
+    """diffusers' Transformer2DModel with one block: GroupNorm, 1x1 conv in, tokens (h, w raster), 1x1 conv out,
+    residual (the official constructor takes no use_linear_projection: the SD1.x convs always)."""
 
     def __init__(self, dim: int, heads: int, config: V2AUNetConfig):
         super().__init__()
-        self.linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, dim, eps=1e-6)  # diffusers hard-codes 1e-6 here
-        self.proj_in = nn.Linear(dim, dim) if self.linear else nn.Conv2d(dim, dim, 1)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, config)])
-        self.proj_out = nn.Linear(dim, dim) if self.linear else nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor, prompt_embeds: Tensor, video_embeds: Tensor) -> Tensor:
         """x [B, C, H, W] -> [B, C, H, W]."""
         b, c, h, w = x.shape
-        y = self.norm(x)
-        if not self.linear:
-            y = self.proj_in(y)
-        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        if self.linear:
-            y = self.proj_in(y)
+        y = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
             y = block(y, prompt_embeds, video_embeds)
-        if self.linear:
-            y = self.proj_out(y)
+        # back to x's memory format (NCHW, or NHWC in the fast engine) before the conv
         y = y.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x))
-        if not self.linear:
-            y = self.proj_out(y)
-        return y + x
+        return self.proj_out(y) + x
 
 
 def resnet(in_channels: int, out_channels: int, config: V2AUNetConfig) -> ResnetBlock2D:
