@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from k4serve.models.checkpoints import DIFFUSERS_WEIGHTS as WEIGHTS_FILE
 from k4serve.models.checkpoints import CheckpointError
 from k4serve.models.cogvideox_vae import (
     PRESETS,
-    WEIGHTS_FILE,
     CogVideoXVAEConfig,
     build_cogvideox_decoder,
     load_cogvideox_decoder,

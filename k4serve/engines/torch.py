@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k4serve.engines.base import ATTENTION, LINEAR, Shape
+from k4serve.engines.cuda_graphs import CapturedGraph
 from k4serve.kernels import attention as attn
 from k4serve.kernels import on_device
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
@@ -87,8 +88,8 @@ class FastDiT:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.blocks = [_Block.wrap(block, linear) for block in dit.blocks()]
         self._rope: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
-        # (x shape, text shape) -> (graph, static inputs, static output), or None when running without graphs
-        self._buckets: dict[tuple[Shape, Shape], tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor] | None] = {}
+        # (x shape, text shape) -> its captured graph, or None when running without graphs
+        self._buckets: dict[tuple[Shape, Shape], CapturedGraph | None] = {}
         # one memory pool for every bucket's graph: only one replays at a time, so their scratch can overlap
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -111,13 +112,8 @@ class FastDiT:
             key = (tuple(x.shape), tuple(text_embed.shape))
             if key not in self._buckets:
                 self._prepare(*key)
-            if self._buckets[key] is None:
-                return self.forward(x, text_embed, time)
-            graph, inputs, out = self._buckets[key]
-            for static, given in zip(inputs, (x, text_embed, time), strict=True):
-                static.copy_(given)
-            graph.replay()
-            return out.clone()  # the static buffer is overwritten by the next replay
+            graph = self._buckets[key]
+            return self.forward(x, text_embed, time) if graph is None else graph(x, text_embed, time)
 
     @torch.no_grad()
     def _prepare(self, x_shape: Shape, text_shape: Shape) -> None:
@@ -132,16 +128,7 @@ class FastDiT:
             torch.randn(text_shape, device=self.device, dtype=dtype),
             torch.full(x_shape[:1], 999, device=self.device, dtype=torch.int64),
         )
-        stream = torch.cuda.Stream()  # warm-up off the default stream, as graph capture requires
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.forward(*inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self.forward(*inputs)
-        self._buckets[(x_shape, text_shape)] = (graph, inputs, out)
+        self._buckets[(x_shape, text_shape)] = CapturedGraph(self.forward, inputs, self._graph_pool)
 
     def _tune(self, x_shape: Shape, text_len: int) -> None:
         """Pick the attention kernel's tiling for this bucket's sequence length (skipped when cached)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -61,3 +62,42 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], what
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state_dict[key])
+
+
+# A diffusers model folder (`unet/`, `vae/`): config.json plus one safetensors file or an index and its shards.
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def diffusers_folder(model_dir: str | Path, what: str, layout: str) -> tuple[Path, list[Path]]:
+    """(config.json, the safetensors files) of a diffusers model folder, each checked to exist; errors name
+    `what` and say what `layout` is expected."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{what} folder not found: {model_dir}; {layout}")
+    config = model_dir / DIFFUSERS_CONFIG
+    if not config.is_file():
+        raise CheckpointError(f"missing {config}: {layout}")
+    if (model_dir / DIFFUSERS_INDEX).is_file():
+        weight_map = json.loads((model_dir / DIFFUSERS_INDEX).read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [model_dir / DIFFUSERS_WEIGHTS]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"missing {file}: {layout}")
+    return config, files
+
+
+def read_safetensors(files: list[Path], skip_prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """Every tensor of `files` by full name, except those under `skip_prefixes` (never read from disk)."""
+    from safetensors import safe_open
+
+    state_dict = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if not key.startswith(skip_prefixes):
+                    state_dict[key] = f.get_tensor(key)
+    return state_dict

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from k4serve.models.checkpoints import CheckpointError, load_state_dict_strict
+from k4serve.models.checkpoints import CheckpointError, diffusers_folder, load_state_dict_strict, read_safetensors
 from k4serve.models.dit import init_random_weights
 
 NORM_EPS = 1e-6
@@ -327,35 +327,7 @@ VAE_LAYOUT = (
     "expected a diffusers AutoencoderKLCogVideoX folder (CogVideoX-5b's `vae/`): config.json plus "
     "diffusion_pytorch_model.safetensors, or diffusion_pytorch_model.safetensors.index.json and its shards"
 )
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 UNUSED_PREFIXES = ("encoder.", "quant_conv.")  # the encoder half of the VAE: never read
-
-
-def weight_files(vae_dir: Path) -> list[Path]:
-    """The safetensors files of a diffusers model folder (one file, or the shards its index names)."""
-    if (vae_dir / WEIGHTS_INDEX).is_file():
-        weight_map = json.loads((vae_dir / WEIGHTS_INDEX).read_text())["weight_map"]
-        files = [vae_dir / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = [vae_dir / WEIGHTS_FILE]
-    for file in files:
-        if not file.is_file():
-            raise CheckpointError(f"missing {file}: {VAE_LAYOUT}")
-    return files
-
-
-def read_decoder_state_dict(vae_dir: str | Path) -> dict[str, Tensor]:
-    """Every tensor of the folder but the encoder's (`decoder.*` and anything unexpected), by full name."""
-    from safetensors import safe_open
-
-    state_dict = {}
-    for file in weight_files(Path(vae_dir)):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if not key.startswith(UNUSED_PREFIXES):
-                    state_dict[key] = f.get_tensor(key)
-    return state_dict
 
 
 def empty_decoder(config: CogVideoXVAEConfig, device: str | torch.device, dtype: torch.dtype) -> CogVideoXDecoder:
@@ -369,15 +341,11 @@ def load_cogvideox_decoder(
     vae_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[CogVideoXDecoder, CogVideoXVAEConfig]:
     """The decoder of a CogVideoX `vae/` folder, strictly loaded (encoder skipped), and its config."""
-    vae_dir = Path(vae_dir)
-    if not vae_dir.is_dir():
-        raise CheckpointError(f"CogVideoX VAE folder not found: {vae_dir}; {VAE_LAYOUT}")
-    if not (vae_dir / "config.json").is_file():
-        raise CheckpointError(f"missing {vae_dir / 'config.json'}: {VAE_LAYOUT}")
-    config = CogVideoXVAEConfig.from_json(vae_dir / "config.json")
+    config_path, files = diffusers_folder(vae_dir, "CogVideoX VAE", VAE_LAYOUT)
+    config = CogVideoXVAEConfig.from_json(config_path)
     decoder = empty_decoder(config, device, dtype)
     # Under a `decoder.` prefix so that errors name the checkpoint's own keys.
-    state_dict, what = read_decoder_state_dict(vae_dir), f"CogVideoX VAE in {vae_dir}"
+    state_dict, what = read_safetensors(files, UNUSED_PREFIXES), f"CogVideoX VAE in {vae_dir}"
     load_state_dict_strict(nn.ModuleDict({"decoder": decoder}), state_dict, what)
     return decoder.eval().requires_grad_(False), config
 

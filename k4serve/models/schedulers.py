@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,8 +62,16 @@ def alphas_cumprod(config: ScheduleConfig) -> Tensor:
     return alpha_bar
 
 
-def timesteps(config: ScheduleConfig, num_steps: int = FLASH_STEPS) -> list[int]:
-    """The integer timesteps of diffusers' `set_timesteps(num_steps)` (trailing: 999, 749, 499, 249)."""
+class TimestepSpacing(Protocol):
+    """The scheduler-config fields that place the inference timesteps (CogVideoX DDIM's, SD's PNDM)."""
+
+    num_train_timesteps: int
+    timestep_spacing: str
+    steps_offset: int
+
+
+def timesteps(config: TimestepSpacing, num_steps: int = FLASH_STEPS) -> list[int]:
+    """The integer timesteps of diffusers' `set_timesteps(num_steps)`, descending (trailing: 999, 749, 499, 249)."""
     n = config.num_train_timesteps
     if config.timestep_spacing == "trailing":
         steps = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
