@@ -132,7 +132,7 @@ class EngineManifest:
         return [g.spec for g in self.graphs]
 
     def check(self, model: str, preset: str, weights: str, fix: str) -> None:
-        """Refuse an engine built for another model, preset or weights; `fix` is the command that builds the right one."""
+        """Refuse an engine built for another model, preset or weights; `fix`: the command building the right one."""
         wrong = [
             f"{what} {have!r} (this stage: {want!r})"
             for what, have, want in (

@@ -61,8 +61,9 @@ TYPE_NAMES = {
 QUANTIZED = {"INT8", "INT4", "FP8", "FP4"}
 IO_TYPES = {"FP32", "FP16", "BF16", "INT32", "INT64", "UINT8", "BOOL", "FP8"}  # network inputs and outputs
 # Inputs that must be build-time constants ("`axes` must be an initializer", ...): op -> input indices.
-CONSTANT_INPUTS = {op: (1,) for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
-                                       "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")}  # fmt: skip
+REDUCES = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+           "ReduceProd", "ReduceSum", "ReduceSumSquare")  # fmt: skip
+CONSTANT_INPUTS = dict.fromkeys(REDUCES, (1,))
 CONSTANT_INPUTS.update({"CumSum": (1,), "OneHot": (1,), "Squeeze": (1,), "Unsqueeze": (1,)})
 
 
@@ -126,8 +127,9 @@ def _node_problems(
             if types.get(name) in QUANTIZED and node.op_type != "Constant":
                 problems.append(f"{name} of quantized type {types[name]} outside a Q/DQ pair")
     if node.op_type == "Attention":
-        # "`Q`, `K`, `V` and `attn_mask ` must be 4D. `past_key`, `past_value` and `nonpad_kv_seqlen` inputs are unsupported. `present_key`, `present_value`
-        # and `qk_matmul_output` outputs are unsupported. `qk_matmul_output_mode` and `softcap` ... unsupported."
+        # "`Q`, `K`, `V` and `attn_mask ` must be 4D. `past_key`, `past_value` and `nonpad_kv_seqlen` inputs are
+        # unsupported. `present_key`, `present_value` and `qk_matmul_output` outputs are unsupported.
+        # `qk_matmul_output_mode` and `softcap` attributes are unsupported."
         if any(ranks.get(name) != 4 for name in node.input[:4] if name):
             problems.append(f"Q/K/V/attn_mask of ranks {[ranks.get(name) for name in node.input[:4]]}, not 4")
         if any(name for name in node.input[4:]):
