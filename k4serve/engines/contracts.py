@@ -128,6 +128,7 @@ class ExportContract:
     model: str = ""  # the name on the command line and in the manifest
     component: str = ""  # the pipeline component it replaces (PipelineSettings.device_map keys)
     dynamic_axes: dict[str, dict[int, str]] = {}  # none: static shapes per bucket
+    fp8 = False  # whether an fp8 export is declared (then `fp8_linears` names the linears it quantizes)
 
     def graphs(self, component, buckets: Sequence[Bucket], dtype: torch.dtype) -> list[GraphSpec]:
         """The distinct graphs serving `buckets`, float tensors in `dtype`."""
@@ -147,6 +148,7 @@ class DiTContract(ExportContract):
 
     model = "dit"
     component = "dit"
+    fp8 = True
 
     def graphs(self, dit, buckets: Sequence[Bucket], dtype: torch.dtype) -> list[GraphSpec]:
         config, float_name = dit.config, dtype_name(dtype)

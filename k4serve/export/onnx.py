@@ -22,16 +22,13 @@ from torch import nn
 
 from k4serve.engines.contracts import Bucket, ExportContract, GraphSpec, parameter_bytes
 from k4serve.engines.manifest import EngineManifest, GraphEntry
+from k4serve.export.errors import ExportError
 from k4serve.export.fp8_qdq import FP8_CARRIERS, ONNX_TRANSLATIONS, quantize_linears
 from k4serve.export.tensorrt_ops import TENSORRT_VERSION, check_graph
 
 OPSET = 23  # Attention is in opset 23; TensorRT 10.15 parses opsets 9..24
 PROTOBUF_LIMIT = 2**31  # bytes: past this a graph's weights must live in an external data file
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked; the message says what to change."""
 
 
 def compute_dtype(dtype: str, fp8_carrier: str = "bf16") -> torch.dtype:
@@ -51,12 +48,11 @@ def prepare_component(contract: ExportContract, component, dtype: str, fp8_carri
     modules = component.encoder if contract.component == "text_encoder" else component
     modules.to(carrier)
     if dtype == "fp8":
-        pairs = contract.fp8_linears(component)
-        if not pairs:
+        if not contract.fp8:
             raise ExportError(
                 f"fp8 is declared for the DiT's block linears only; export {contract.model} as bf16 or fp16"
             )
-        quantize_linears(pairs, carrier)
+        quantize_linears(contract.fp8_linears(component), carrier)
     return component
 
 
@@ -115,6 +111,7 @@ def export_onnx(
     command: str,
     opset: int = OPSET,
     fp8_carrier: str = "bf16",
+    extra: Sequence[str] = (),
 ) -> EngineManifest:
     """Export every graph of `contract` for `buckets` into `folder` with its manifest; the component (built in
     float32) is converted in place."""
@@ -145,6 +142,7 @@ def export_onnx(
             "fp8_carrier": fp8_carrier if dtype == "fp8" else None,
             "tensorrt_ops": TENSORRT_VERSION,
             "export_seconds": round(time.perf_counter() - started, 2),
+            "extra": list(extra),
         },  # fmt: skip
     )
     manifest.write(folder)
