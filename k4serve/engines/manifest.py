@@ -62,6 +62,7 @@ def export_command(
     engine_dir: str | Path,
     weights: str | None = None,
     extra: Sequence[str] = (),
+    seed: int = 0,
 ) -> str:
     """The `k4serve export` command line that builds this engine (the sizes x seconds product covers `buckets`;
     without buckets, placeholders)."""
@@ -69,7 +70,7 @@ def export_command(
     sizes = sorted({b.size for b in buckets}) or ["HEIGHTxWIDTH"]
     seconds = sorted({b.seconds for b in buckets}) or ["SECONDS"]
     words = ["k4serve", "export", fmt, "--model", model, "--preset", preset]
-    words += ["--weights", weights] if weights else []
+    words += ["--weights", weights] if weights else ["--seed", str(seed)] if seed else []
     words += ["--size", *sizes, "--seconds", *map(str, seconds), "--dtype", dtype, *extra, "-o", str(engine_dir)]
     return shlex.join(words)
 

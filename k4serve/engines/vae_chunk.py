@@ -140,7 +140,8 @@ class VaeChunkStep(nn.Module):
         return x
 
 
-# A chunk step: (z_chunk, *past caches) -> (video chunk, *next caches); no past for a video's first chunk.
+# A chunk step: (z_chunk, *past caches) -> (video chunk, *next caches), or the video chunk alone; no past for a
+# video's first chunk.
 ChunkStepFn = Callable[..., tuple[Tensor, ...]]
 
 
@@ -154,6 +155,7 @@ class ChunkedDecoder:
         """z [B, 16, T, h, w] (divided by scaling_factor) -> video [B, 3, F_i, 8h, 8w] of each diffusers chunk."""
         past: tuple[Tensor, ...] = ()
         for chunk in latent_chunks(z.shape[2]):
-            video, *caches = self.step(z[:, :, chunk].contiguous(), *past)
+            out = self.step(z[:, :, chunk].contiguous(), *past)
+            video, *caches = (out,) if isinstance(out, Tensor) else out  # an image's step hands no cache on
             past = tuple(caches)
             yield video

@@ -95,7 +95,7 @@ def run_export(args: argparse.Namespace) -> int:
     extra = format_extra(args)
 
     def command(fmt: str) -> str:
-        return export_command(fmt, args.model, preset, buckets, args.dtype, args.output, args.weights, extra)
+        return export_command(fmt, args.model, preset, buckets, args.dtype, args.output, args.weights, extra, args.seed)
 
     started = time.perf_counter()
     if args.format == "tensorrt":

@@ -70,7 +70,7 @@ class ExportedComponent:
         weights = str(Path(self.settings.weights).resolve()) if self.settings.weights else None
         dtype = dtype or ("fp32" if self.format == "onnx" else "bf16")
         return export_command(self.format, self.model, self.preset, buckets, dtype, self.settings.engine_dir,
-                              weights, self.extra)  # fmt: skip
+                              weights, self.extra, self.settings.seed)  # fmt: skip
 
     def require(self, shapes: list[tuple[int, ...]], bucket: Bucket) -> None:
         """RequestError naming the export command unless the engine has a graph for these input shapes."""
