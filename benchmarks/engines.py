@@ -243,7 +243,10 @@ def first_response(engine_dir: Path, repeat: int) -> list[tuple]:
             link.symlink_to(target.resolve(), target_is_directory=True)
     rows = []
     servers = (
-        ("fast (JIT: compile, tune, capture on request 1)", ["--engine", "fast"]),
+        (
+            "fast (JIT: compile, tune, capture on request 1)",
+            ["--engine", "fast", "--attention", "triton", "--linear", "bf16"],
+        ),
         ("aoti (prebuilt: dit fast-bf16, vae, t5)", ["--engine", "aoti", "--engine-dir", str(serve_dir)]),
     )
     for name, args in servers:
