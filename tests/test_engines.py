@@ -89,7 +89,7 @@ def test_request_shape_without_a_bucket_names_the_export_command(exported):
     with pytest.raises(RequestError) as error:
         exported.sample(text, 512, 512, 2, seed=0)
     message = str(error.value)
-    assert "serves 384x672-0s, 384x672-1s, not 512x512-2s" in message
+    assert "serves 384x672-0s, 384x672-1s (batch 1), not 512x512-2s" in message
     assert "--size 384x672 512x512 --seconds 0 1 2" in message
 
 

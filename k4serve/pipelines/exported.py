@@ -78,7 +78,8 @@ class ExportedComponent:
             manifest = self.engine.manifest
             served = ", ".join(b.name for b in manifest.buckets)
             raise RequestError(
-                f"the {self.settings.engine} {self.model} engine serves {served}, not {bucket.name}; add the bucket: "
+                f"the {self.settings.engine} {self.model} engine serves {served} (batch 1), not {bucket.name} "
+                f"(inputs {[list(shape) for shape in shapes]}); add the bucket: "
                 f"{self.fix([*manifest.buckets, bucket], manifest.dtype)}"
             )
 
