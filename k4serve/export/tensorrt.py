@@ -31,7 +31,7 @@ def require_tensorrt():
     return tensorrt
 
 
-def _add_profile(trt, builder, network, config, spec: GraphSpec) -> None:
+def _add_profile(builder, network, config, spec: GraphSpec) -> None:
     """One optimization profile from the contract's min/opt/max shapes, for the inputs the network left dynamic."""
     dynamic = [
         network.get_input(i) for i in range(network.num_inputs) if any(d < 0 for d in network.get_input(i).shape)
@@ -42,14 +42,23 @@ def _add_profile(trt, builder, network, config, spec: GraphSpec) -> None:
     shapes = spec.profile()
     for tensor in dynamic:
         low, opt, high = shapes[tensor.name]
-        profile.set_shape(tensor.name, trt.Dims(low), trt.Dims(opt), trt.Dims(high))
+        profile.set_shape(tensor.name, low, opt, high)
     config.add_optimization_profile(profile)
 
 
-def build_plan(trt, builder, onnx_path: Path, spec: GraphSpec, cache_bytes: bytes, *, workspace_gib: float | None,
-               optimization_level: int, weight_streaming: bool) -> tuple[bytes, bytes]:  # fmt: skip
+def build_plan(
+    trt,
+    logger,
+    builder,
+    onnx_path: Path,
+    spec: GraphSpec,
+    cache_bytes: bytes,
+    *,
+    workspace_gib: float | None,
+    optimization_level: int,
+    weight_streaming: bool,
+) -> tuple[bytes, bytes]:
     """(serialized engine, updated timing cache) of one ONNX graph."""
-    logger = builder.logger
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # external weights are read from beside the file
@@ -63,7 +72,7 @@ def build_plan(trt, builder, onnx_path: Path, spec: GraphSpec, cache_bytes: byte
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
-    _add_profile(trt, builder, network, config, spec)
+    _add_profile(builder, network, config, spec)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ExportError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
@@ -85,13 +94,14 @@ def build_engines(
     onnx_dir, folder = Path(onnx_dir), Path(folder)
     source = EngineManifest.read(onnx_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     entries, seconds = [], {}
     for entry in source.graphs:
         started = time.perf_counter()
-        plan, cache_bytes = build_plan(trt, builder, onnx_dir / entry.file, entry.spec, cache_bytes,
+        plan, cache_bytes = build_plan(trt, logger, builder, onnx_dir / entry.file, entry.spec, cache_bytes,
                                        workspace_gib=workspace_gib, optimization_level=optimization_level,
                                        weight_streaming=weight_streaming)  # fmt: skip
         (folder / f"{entry.spec.name}.plan").write_bytes(plan)
