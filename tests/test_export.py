@@ -212,3 +212,14 @@ def test_aoti_package_of_the_tiny_dit_round_trips_equal_to_eager(tmp_path):
     reference = build_dit("tiny", seed=0)(x, text, time)
     assert out.shape == reference.shape and rel(out, reference) <= 1e-5
     assert not np.allclose(out.numpy(), 0)
+
+
+def test_fp8_graph_for_tensorrt_carries_bf16_scales_and_passes_the_check(tmp_path):
+    manifest = export_onnx(CONTRACTS["dit"], build_dit("tiny", seed=0), [BUCKET], "fp8", tmp_path, **EXPORT)
+    model = onnx.load(str(tmp_path / manifest.graphs[0].file))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16  # the carrier
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    assert {types[name] for name in scales} == {onnx.TensorProto.BFLOAT16}
+    assert check_graph(model) == []
