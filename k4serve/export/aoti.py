@@ -26,8 +26,8 @@ from torch import nn
 
 from k4serve.engines.contracts import Bucket, ExportContract
 from k4serve.engines.manifest import EngineManifest, GraphEntry
+from k4serve.export.dtypes import compute_dtype
 from k4serve.export.errors import ExportError
-from k4serve.export.onnx import compute_dtype
 
 # The modules whose Triton kernels FastDiT launches (module globals that are JIT functions get wrapped).
 KERNEL_MODULES = ("attention", "norm_modulate", "qk_norm_rope", "gelu_quant")

@@ -27,8 +27,6 @@ from torch import Tensor, nn
 
 from k4serve.kernels.quantize import FP8_DTYPE, fp8_scale, to_fp8
 
-FP8_CARRIERS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # fp16 would flush the 1e-12 amax floor to zero
-
 
 @torch.library.custom_op("k4serve_export::quantize_rows_fp8", mutates_args=())
 def quantize_rows_fp8(x: Tensor, scale: Tensor) -> Tensor:

@@ -22,24 +22,13 @@ from torch import nn
 
 from k4serve.engines.contracts import Bucket, ExportContract, GraphSpec, parameter_bytes
 from k4serve.engines.manifest import EngineManifest, GraphEntry
+from k4serve.export.dtypes import compute_dtype
 from k4serve.export.errors import ExportError
-from k4serve.export.fp8_qdq import FP8_CARRIERS, ONNX_TRANSLATIONS, quantize_linears
+from k4serve.export.fp8_qdq import ONNX_TRANSLATIONS, quantize_linears
 from k4serve.export.tensorrt_ops import TENSORRT_VERSION, check_graph
 
 OPSET = 23  # Attention is in opset 23; TensorRT 10.15 parses opsets 9..24
 PROTOBUF_LIMIT = 2**31  # bytes: past this a graph's weights must live in an external data file
-FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def compute_dtype(dtype: str, fp8_carrier: str = "bf16") -> torch.dtype:
-    """The float dtype a graph computes in: the dtype itself, or fp8's carrier around its Q/DQ pairs."""
-    if dtype == "fp8":
-        if fp8_carrier not in FP8_CARRIERS:
-            raise ExportError(f"--fp8-carrier must be one of {sorted(FP8_CARRIERS)}, got {fp8_carrier!r}")
-        return FP8_CARRIERS[fp8_carrier]
-    if dtype not in FLOAT_DTYPES:
-        raise ExportError(f"--dtype must be one of fp32, fp16, bf16, fp8; got {dtype!r}")
-    return FLOAT_DTYPES[dtype]
 
 
 def prepare_component(contract: ExportContract, component, dtype: str, fp8_carrier: str = "bf16"):
