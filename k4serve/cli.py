@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from k4serve.client.cli import add_request_arguments
+from k4serve.export.cli import add_export_arguments
 from k4serve.pipelines.cli import add_generate_arguments
 from k4serve.pipelines.t2v import RequestError
 from k4serve.serving.cli import add_serve_arguments
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(commands.add_parser("generate", help="prompt -> mp4, in this process"))
     add_serve_arguments(commands.add_parser("serve", help="run tritonserver on the model repository"))
     add_request_arguments(commands.add_parser("request", help="send a prompt to a running server"))
+    add_export_arguments(commands.add_parser("export", help="build engines: onnx, tensorrt, aoti"))
     return parser
 
 
@@ -31,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         from k4serve.serving.cli import run_serve
 
         return run_serve(args)
+    if args.command == "export":
+        from k4serve.export.cli import run_export
+
+        return run_export(args)
     from k4serve.client.cli import run_request
 
     return run_request(args)
@@ -43,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RequestError, OSError, ValueError) as error:  # CheckpointError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except ImportError as error:  # only serve / request import optional packages
+    except ImportError as error:  # only serve / request / export import optional packages
+        if args.command == "export":
+            print(f"error: {error}: `k4serve export` needs the export extra: pip install 'k4serve[export]'",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         print(
             f"error: {error}: `k4serve {args.command}` needs the serve extra: pip install 'k4serve[serve]'",
             file=sys.stderr,

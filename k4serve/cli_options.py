@@ -39,9 +39,13 @@ def add_model_arguments(
     attention: str | None = None,
     linear: str | None = None,
 ) -> None:
-    """--preset --weights --engine --attention --linear, shared by `generate` and `serve` (None: not set here)."""
+    """--preset --weights --engine --engine-dir --attention --linear, shared by `generate` and `serve` (None: not
+    set here)."""
     parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=preset)
     parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
     parser.add_argument("--engine", choices=ENGINES, default=engine)
+    parser.add_argument(
+        "--engine-dir", default=None, help="with --engine aoti|tensorrt|onnxruntime: the folder `k4serve export` wrote"
+    )
     parser.add_argument("--attention", choices=ATTENTION, default=attention, help="the DiT's attention kernel")
     parser.add_argument("--linear", choices=LINEAR, default=linear, help="the DiT's linear-layer dtype")

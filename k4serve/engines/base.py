@@ -10,6 +10,9 @@ from torch import Tensor
 Shape = tuple[int, ...]
 
 ENGINES = ("eager", "fast")  # the reference modules, or the fused kernels (FastDiT, the VAE's Triton norms)
+# Engines run from files that `k4serve export` wrote into an engine_dir (k4serve.engines.exported).
+EXPORTED_ENGINES = ("aoti", "tensorrt", "onnxruntime")
+ENGINES += EXPORTED_ENGINES
 # Options of the fast DiT engine (k4serve.engines.torch.FastDiT), here so CLIs can list them without importing triton.
 ATTENTION = ("sdpa", "triton", "triton-fp8")
 LINEAR = ("bf16", "fp8", "fp8-fast")  # fp8-fast: fp8 GEMMs with Hopper's fast (unpromoted) accumulation
@@ -29,4 +32,6 @@ class Engine(Protocol):
         """Prepare every bucket in `shapes` ahead of the first request."""
         ...
 
-    def __call__(self, *inputs: Tensor) -> Tensor: ...
+    def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """Run the component (several outputs, e.g. a VAE chunk step's video and cache, come as a tuple)."""
+        ...

@@ -1,0 +1,1 @@
+"""Export commands (`k4serve export onnx|tensorrt|aoti`) and their helpers: nothing here is imported at serve time."""

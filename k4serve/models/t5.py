@@ -36,6 +36,18 @@ PRESETS: dict[str, T5Preset] = {
 }
 
 
+def load_tokenizer(tokenizer_dir: str | Path):
+    """The official tokenizer of a CogVideoX-5b-style snapshot's `tokenizer/` folder."""
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), clean_up_tokenization_spaces=False)
+
+
+def preset_tokenizer(name: str):
+    """The tokenizer of a random-weight preset (byte-level: it needs no files)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown T5 preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ByT5Tokenizer()
+
+
 class T5TextEncoder:
     """prompt -> last hidden state [224, d_model] (4096 for T5 v1.1 XXL)."""
 
@@ -62,7 +74,7 @@ class T5TextEncoder:
                 raise FileNotFoundError(
                     f"{what} directory not found: {path} (expected the {what}/ folder of THUDM/CogVideoX-5b)"
                 )
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), clean_up_tokenization_spaces=False)
+        tokenizer = load_tokenizer(tokenizer_dir)
         # Official: loaded in fp32, then cast as a whole (the fp32-kept `wo` included) to the run dtype.
         encoder = T5EncoderModel.from_pretrained(str(text_encoder_dir)).to(device=device, dtype=dtype)
         return cls(tokenizer, encoder)
@@ -71,7 +83,7 @@ class T5TextEncoder:
     def from_preset(cls, name: str, device: str = "cpu", dtype=torch.float32) -> T5TextEncoder:
         """A random T5 of a preset's shape with a byte tokenizer, built directly on `device`."""
         preset = PRESETS[name]
-        tokenizer = ByT5Tokenizer()
+        tokenizer = preset_tokenizer(name)
         config = T5Config(
             vocab_size=preset.vocab_size or len(tokenizer),
             d_model=preset.d_model,

@@ -50,6 +50,7 @@ def run_generate(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         engine=args.engine,
+        engine_dir=args.engine_dir,
         attention=args.attention,
         linear=args.linear,
     )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from k4serve.engines.base import ENGINES, EXPORTED_ENGINES
 from k4serve.models.cogvideox_vae import build_cogvideox_decoder, latent_chunks, load_cogvideox_decoder
 from k4serve.models.dit import DiffusionTransformer3D, build_dit
 from k4serve.models.schedulers import FlashSampler, ScheduleConfig
@@ -88,7 +89,8 @@ class PipelineSettings:
     preset: str = "tiny"
     weights: str | None = None
     device: str | dict[str, str] = "cpu"
-    engine: str = "eager"  # eager | fast (fused kernels: the DiT's with CUDA graphs, the VAE's norms)
+    engine: str = "eager"  # eager | fast (fused kernels: the DiT's with CUDA graphs, the VAE's norms) | exported:
+    engine_dir: str | None = None  # aoti | tensorrt | onnxruntime run the engines `k4serve export` wrote here
     attention: str = "sdpa"  # fast engine: sdpa | triton | triton-fp8
     linear: str = "bf16"  # fast engine: bf16 | fp8
     seed: int = 0  # random-weight seed when no weights are given
@@ -150,6 +152,10 @@ class T2VPipeline:
         random. A serving stage builds only its own component; the others stay None."""
         if settings.preset not in PIPELINE_PRESETS:
             raise ValueError(f"unknown preset {settings.preset!r}; choose one of {sorted(PIPELINE_PRESETS)}")
+        if settings.engine in EXPORTED_ENGINES:
+            from k4serve.pipelines.exported import exported_components
+
+            return cls(**exported_components(settings, components), settings=settings)
         presets, devices = PIPELINE_PRESETS[settings.preset], settings.device_map()
         dtypes = {c: run_dtype(d) for c, d in devices.items()}
         paths = _weights_paths(settings.weights) if settings.weights is not None else None
@@ -182,12 +188,14 @@ class T2VPipeline:
         """(x_t, text_embed, time) -> velocity through the configured engine (None without a DiT)."""
         if self.dit is None:
             return None
+        if self.settings.engine in EXPORTED_ENGINES:
+            return self.dit  # k4serve.pipelines.exported.ExportedDiT: the engine behind the module's call
         if self.settings.engine == "fast":
             from k4serve.engines.torch import FastDiT
 
             return FastDiT(self.dit, attention=self.settings.attention, linear=self.settings.linear)
         if self.settings.engine != "eager":
-            raise ValueError(f"unknown engine {self.settings.engine!r}; choose 'eager' or 'fast'")
+            raise ValueError(f"unknown engine {self.settings.engine!r}; choose one of {ENGINES}")
         device = torch.device(self.devices["dit"])
 
         def eager(x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:

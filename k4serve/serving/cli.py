@@ -12,7 +12,7 @@ from pathlib import Path
 
 from k4serve.cli_options import add_model_arguments
 from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, ServerOptions, TritonServer
-from k4serve.serving.settings import ENV_PREFIX, SETTING_KEYS
+from k4serve.serving.settings import ENV_PREFIX, PATH_KEYS, SETTING_KEYS
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -52,7 +52,7 @@ def stage_env(args: argparse.Namespace) -> dict[str, str]:
     for key in SETTING_KEYS:
         value = getattr(args, key)
         if value is not None:
-            env[ENV_PREFIX + key.upper()] = str(Path(value).resolve()) if key == "weights" else value
+            env[ENV_PREFIX + key.upper()] = str(Path(value).resolve()) if key in PATH_KEYS else value
     return env
 
 

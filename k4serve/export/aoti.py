@@ -1,0 +1,144 @@
+"""`k4serve export aoti`: AOTInductor packages (.pt2), one per graph of the contract, compiled ahead of time.
+
+Each graph's module is captured with `torch.export` (non-strict) on the contract's sample inputs and compiled by
+`torch._inductor.aoti_compile_and_package`: a shared library with every kernel built and tuned, plus the weights,
+which `torch._inductor.aoti_load_package` loads without Python model code, Dynamo or a compiler at serve time.
+
+Two DiT paths:
+  eager  the reference module (SDPA attention; dtype fp32/fp16/bf16, or fp8: the four block linears as
+         k4serve.kernels.quantize.Fp8Linear, i.e. torch._scaled_mm GEMMs Inductor keeps as they are);
+  fast   FastDiT's forward (k4serve.engines.torch) with our Triton kernels as user-defined kernels: while it is
+         traced, every Triton kernel the kernel modules launch is wrapped with `torch.library.wrap_triton`, so
+         the trace records each launch (grid, arguments, TMA descriptors) and Inductor compiles the kernels into
+         the package next to its own. Attention is tuned for the bucket first (FastDiT.load).
+The VAE chunk step and the T5 encoder export their eager modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from k4serve.engines.contracts import Bucket, ExportContract
+from k4serve.engines.manifest import EngineManifest, GraphEntry
+from k4serve.export.dtypes import compute_dtype
+from k4serve.export.errors import ExportError
+
+# The modules whose Triton kernels FastDiT launches (module globals that are JIT functions get wrapped).
+KERNEL_MODULES = ("attention", "norm_modulate", "qk_norm_rope", "gelu_quant")
+
+
+@contextlib.contextmanager
+def traceable_triton_kernels() -> Iterator[None]:
+    """Within the block, the kernel modules launch their Triton kernels through `wrap_triton` (traceable)."""
+    import importlib
+
+    import triton
+    from torch.library import wrap_triton
+
+    patched = []
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"k4serve.kernels.{name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, triton.runtime.JITFunction | triton.runtime.Autotuner):
+                patched.append((module, attr, value))
+    try:
+        for module, attr, kernel in patched:
+            setattr(module, attr, wrap_triton(kernel))
+        yield
+    finally:
+        for module, attr, kernel in patched:
+            setattr(module, attr, kernel)
+
+
+class FastForward(nn.Module):
+    """FastDiT's fused forward as a module for torch.export (its weights are captured as constants)."""
+
+    def __init__(self, fast):
+        super().__init__()
+        self.fast = fast
+
+    def forward(self, x, text_embed, time):
+        return self.fast.forward(x, text_embed, time)
+
+
+def _eager_fp8(contract: ExportContract, component) -> None:
+    from k4serve.kernels.quantize import Fp8Linear
+
+    for parent, name in contract.fp8_linears(component):
+        setattr(parent, name, Fp8Linear.from_linear(getattr(parent, name)))
+
+
+def export_aoti(
+    contract: ExportContract,
+    component,
+    buckets: Sequence[Bucket],
+    dtype: str,
+    folder: str | Path,
+    *,
+    preset: str,
+    weights: str,
+    command: str,
+    engine: str = "eager",
+    attention: str = "triton",
+    linear: str | None = None,
+    extra: Sequence[str] = (),
+) -> EngineManifest:
+    """An AOTInductor package per graph of `contract` for `buckets` into `folder`, with the manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    carrier = compute_dtype(dtype)
+    if dtype == "fp8" and not contract.fp8:
+        raise ExportError(f"fp8 is declared for the DiT's block linears only; export {contract.model} as bf16")
+    if engine == "fast" and contract.model != "dit":
+        raise ExportError(f"--engine fast is the DiT's Triton path; export {contract.model} with --engine eager")
+    (component.encoder if contract.component == "text_encoder" else component).to(carrier)
+    device = next((component.encoder if contract.component == "text_encoder" else component).parameters()).device
+    fast = None
+    if engine == "fast":
+        from k4serve.engines.torch import FastDiT
+
+        fast = FastDiT(component, attention=attention, linear=linear or ("fp8" if dtype == "fp8" else "bf16"),
+                       cuda_graphs=False)  # fmt: skip
+    elif dtype == "fp8":
+        _eager_fp8(contract, component)
+    entries, seconds = [], {}
+    for graph in contract.graphs(component, buckets, carrier):
+        started = time.perf_counter()
+        inputs = graph.sample_inputs(device)
+        with torch.no_grad():
+            if fast is not None:
+                fast.load([graph.inputs[0].shape])  # tune the attention tiling for this bucket before tracing
+                with traceable_triton_kernels():
+                    program = torch.export.export(FastForward(fast), inputs, strict=False)
+            else:
+                program = torch.export.export(contract.module(component, graph).eval(), inputs, strict=False)
+            path = folder / f"{graph.name}.pt2"
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        entries.append(GraphEntry(graph, path.name))
+        seconds[graph.name] = round(time.perf_counter() - started, 1)
+    manifest = EngineManifest(
+        model=contract.model,
+        preset=preset,
+        format="aoti",
+        dtype=dtype,
+        weights=weights,
+        buckets=list(buckets),
+        graphs=entries,
+        command=command,
+        tools={"torch": torch.__version__, "device": str(device)},
+        options={
+            "engine": engine,
+            "attention": attention if fast else "sdpa",
+            "linear": fast and linear,
+            "export_seconds": seconds,
+            "extra": list(extra),
+        },  # fmt: skip
+    )
+    manifest.write(folder)
+    return manifest
