@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +29,37 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"cannot read {path} as a torch state dict (weights_only=True): {error}") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} is not a flat state dict of tensors")
+    return state_dict
+
+
+def safetensors_files(folder: str | Path, weights_name: str = "model.safetensors") -> list[Path]:
+    """The safetensors files of a Hugging Face model folder: `weights_name`, or the shards its `.index.json` names."""
+    folder = Path(folder)
+    index = folder / f"{weights_name}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{index} is not a safetensors index (no readable weight_map): {error}") from error
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [folder / weights_name]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"missing {file} (expected {weights_name} or {index.name} and its shards)")
+    return files
+
+
+def read_safetensors(files: list[Path], skip: Callable[[str], bool] = lambda key: False) -> dict[str, Tensor]:
+    """Every tensor of `files` by name, except the keys `skip` accepts (never read)."""
+    from safetensors import safe_open
+
+    state_dict = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if not skip(key):
+                    state_dict[key] = f.get_tensor(key)
     return state_dict
 
 
