@@ -18,6 +18,7 @@ from k4serve.models.cogvlm2_video import (
     DEFAULT_NEGATIVE_PROMPT,
     PRESETS,
     PROMPT_TOKENS,
+    CogVLM2Video,
     CogVLM2VideoEncoder,
     DecoderLayer,
     build_position_ids,
@@ -391,11 +392,15 @@ def synthetic_state(seed: int = 7) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_model_keys_are_the_official_ones_but_those_after_hidden_states_minus_2(encoder):
-    shapes = official_shapes(CONFIG)
-    last = f"model.layers.{CONFIG.num_hidden_layers - 1}."
+@pytest.mark.parametrize("preset", ["tiny", "cogvlm2-video-llama3-chat"])
+def test_model_keys_are_the_official_ones_but_those_after_hidden_states_minus_2(preset):
+    config = PRESETS[preset]
+    with torch.device("meta"):  # the full size is 11.8 B parameters: shapes only
+        model = CogVLM2Video(config)
+    shapes = official_shapes(config)
+    last = f"model.layers.{config.num_hidden_layers - 1}."
     skipped = {k for k in shapes if k.startswith(last) or k in ("lm_head.weight", "model.norm.weight")}
-    model_shapes = {k: tuple(t.shape) for k, t in encoder.model.state_dict().items()}
+    model_shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     assert model_shapes == {k: s for k, s in shapes.items() if k not in skipped}
 
 
