@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,37 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"cannot read {path} as a torch state dict (weights_only=True): {error}") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} is not a flat state dict of tensors")
+    return state_dict
+
+
+def safetensors_files(folder: str | Path, weights_name: str = "model.safetensors") -> list[Path]:
+    """The safetensors files of a Hugging Face model folder: `weights_name`, or the shards its `.index.json` names."""
+    folder = Path(folder)
+    index = folder / f"{weights_name}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{index} is not a safetensors index (no readable weight_map): {error}") from error
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [folder / weights_name]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"missing {file} (expected {weights_name} or {index.name} and its shards)")
+    return files
+
+
+def read_safetensors(files: list[Path], skip: Callable[[str], bool] = lambda key: False) -> dict[str, Tensor]:
+    """Every tensor of `files` by name, except the keys `skip` accepts (never read)."""
+    from safetensors import safe_open
+
+    state_dict = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if not skip(key):
+                    state_dict[key] = f.get_tensor(key)
     return state_dict
 
 
@@ -67,7 +99,6 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], what
 # A diffusers model folder (`unet/`, `vae/`): config.json plus one safetensors file or an index and its shards.
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def diffusers_folder(model_dir: str | Path, what: str, layout: str) -> tuple[Path, list[Path]]:
@@ -79,25 +110,8 @@ def diffusers_folder(model_dir: str | Path, what: str, layout: str) -> tuple[Pat
     config = model_dir / DIFFUSERS_CONFIG
     if not config.is_file():
         raise CheckpointError(f"missing {config}: {layout}")
-    if (model_dir / DIFFUSERS_INDEX).is_file():
-        weight_map = json.loads((model_dir / DIFFUSERS_INDEX).read_text())["weight_map"]
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = [model_dir / DIFFUSERS_WEIGHTS]
-    for file in files:
-        if not file.is_file():
-            raise CheckpointError(f"missing {file}: {layout}")
+    try:
+        files = safetensors_files(model_dir, DIFFUSERS_WEIGHTS)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}: {layout}") from None
     return config, files
-
-
-def read_safetensors(files: list[Path], skip_prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
-    """Every tensor of `files` by full name, except those under `skip_prefixes` (never read from disk)."""
-    from safetensors import safe_open
-
-    state_dict = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if not key.startswith(skip_prefixes):
-                    state_dict[key] = f.get_tensor(key)
-    return state_dict

@@ -345,7 +345,8 @@ def load_cogvideox_decoder(
     config = CogVideoXVAEConfig.from_json(config_path)
     decoder = empty_decoder(config, device, dtype)
     # Under a `decoder.` prefix so that errors name the checkpoint's own keys.
-    state_dict, what = read_safetensors(files, UNUSED_PREFIXES), f"CogVideoX VAE in {vae_dir}"
+    state_dict = read_safetensors(files, skip=lambda key: key.startswith(UNUSED_PREFIXES))
+    what = f"CogVideoX VAE in {vae_dir}"
     load_state_dict_strict(nn.ModuleDict({"decoder": decoder}), state_dict, what)
     return decoder.eval().requires_grad_(False), config
 

@@ -187,7 +187,7 @@ def load_sd_vae_decoder(
     """The decoder of a diffusers AutoencoderKL `vae/` folder, strictly loaded (encoder skipped); see `.config`."""
     config_path, files = diffusers_folder(vae_dir, "SD VAE", VAE_LAYOUT)
     decoder = empty_decoder(SDVAEConfig.from_json(config_path), device, dtype)
-    state_dict = renamed_attention_keys(read_safetensors(files, UNUSED_PREFIXES))
+    state_dict = renamed_attention_keys(read_safetensors(files, skip=lambda key: key.startswith(UNUSED_PREFIXES)))
     load_state_dict_strict(decoder, state_dict, f"SD VAE in {vae_dir}")
     return decoder.eval().requires_grad_(False)
 

@@ -20,8 +20,9 @@ from k4serve.engines.exported import ExportedEngine, open_engine
 from k4serve.engines.manifest import FORMATS, EngineMismatch, engine_path, export_command, weights_id
 from k4serve.engines.vae_chunk import ChunkedDecoder
 from k4serve.models import dit as dit_model
+from k4serve.models.checkpoints import diffusers_folder
 from k4serve.models.cogvideox_vae import PRESETS as VAE_PRESETS
-from k4serve.models.cogvideox_vae import CogVideoXVAEConfig, latent_chunks, weight_files
+from k4serve.models.cogvideox_vae import VAE_LAYOUT, CogVideoXVAEConfig, latent_chunks
 from k4serve.models.t5 import T5TextEncoder, load_tokenizer, preset_tokenizer
 from k4serve.pipelines.t2v import PIPELINE_PRESETS, PipelineSettings, RequestError, _weights_paths
 
@@ -36,7 +37,7 @@ def component_weight_files(settings: PipelineSettings, component: str) -> list[P
     if component == "dit":
         return [paths["dit"]]
     if component == "vae":
-        return weight_files(paths["vae"])
+        return diffusers_folder(paths["vae"], "CogVideoX VAE", VAE_LAYOUT)[1]
     files = sorted(f for pattern in T5_WEIGHT_PATTERNS for f in paths["text_encoder"].glob(pattern))
     if not files:
         raise FileNotFoundError(f"no {' or '.join(T5_WEIGHT_PATTERNS)} weights in {paths['text_encoder']}")
