@@ -10,9 +10,7 @@ from torch import Tensor
 Shape = tuple[int, ...]
 
 ENGINES = ("eager", "fast")  # the reference modules, or the fused kernels (FastDiT, the VAE's Triton norms)
-# Options of the fast DiT engine (k4serve.engines.torch.FastDiT), here so CLIs can list them without importing triton.
-ATTENTION = ("sdpa", "triton", "triton-fp8")
-LINEAR = ("bf16", "fp8", "fp8-fast")  # fp8-fast: fp8 GEMMs with Hopper's fast (unpromoted) accumulation
+# The fast DiT engine's attention and linear options: k4serve.engines.options (no triton import, for the CLIs).
 
 
 @runtime_checkable
