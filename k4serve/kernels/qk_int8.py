@@ -39,7 +39,7 @@ def _to_int8(x, inverse_scale):
 
 @triton.jit
 def _quantize_qk_kernel(q_ptr, k_ptr, k_mean_ptr, q8_ptr, k8_ptr, q_scale_ptr, k_scale_ptr,
-                        row_stride, seq_len, num_heads, n_blocks,
+                        q_row_stride, k_row_stride, seq_len, num_heads, n_blocks,
                         D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid_s = tl.program_id(0)
     h = tl.program_id(1)
@@ -48,16 +48,16 @@ def _quantize_qk_kernel(q_ptr, k_ptr, k_mean_ptr, q8_ptr, k8_ptr, q_scale_ptr, k
     rows = pid_s * BLOCK + tl.arange(0, BLOCK)
     valid = rows < seq_len
     cols = tl.arange(0, D)
-    src = (b * seq_len + rows)[:, None] * row_stride + h * D + cols[None, :]
-    dst = (b * seq_len + rows)[:, None] * (num_heads * D) + h * D + cols[None, :]
+    token = (b * seq_len + rows)[:, None]
+    dst = token * (num_heads * D) + h * D + cols[None, :]
 
     # 1. q per row
-    q = tl.load(q_ptr + src, mask=valid[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + token * q_row_stride + h * D + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     q_inverse, q_scale = _int8_inverse_scale(tl.max(tl.abs(q), 1))
     tl.store(q8_ptr + dst, _to_int8(q, q_inverse[:, None]), mask=valid[:, None])
     tl.store(q_scale_ptr + bh * seq_len + rows, q_scale, mask=valid)
     # 2. k minus its mean, one scale for the block (padded rows are zeros, outside the amax)
-    k = tl.load(k_ptr + src, mask=valid[:, None], other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + token * k_row_stride + h * D + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     k = tl.where(valid[:, None], k - tl.load(k_mean_ptr + bh * D + cols)[None, :], 0.0)
     k_inverse, k_scale = _int8_inverse_scale(tl.max(tl.max(tl.abs(k), 1), 0))
     tl.store(k8_ptr + dst, _to_int8(k, k_inverse), mask=valid[:, None])
@@ -65,13 +65,14 @@ def _quantize_qk_kernel(q_ptr, k_ptr, k_mean_ptr, q8_ptr, k8_ptr, q_scale_ptr, k
 
 
 def quantize_qk_int8(q: Tensor, k: Tensor, v: Tensor, kv_block: int = 128) -> Int8QK:
-    """Pack q, k [B, S, H, D] (views with contiguous heads and one row stride) as int8 for the attention."""
+    """Pack q, k [B, S, H, D] (views with contiguous heads, e.g. of the QKV buffer) as int8 for the attention."""
     b, s, h, d = q.shape
-    if k.shape != q.shape or k.stride() != q.stride() or q.stride(3) != 1 or q.stride(2) != d:
-        raise ValueError(
-            f"q and k must be [B, S, H, D] views with contiguous heads and equal strides (column slices of the "
-            f"QKV buffer); got {tuple(q.shape)} {tuple(q.stride())} and {tuple(k.shape)} {tuple(k.stride())}"
-        )
+    for t in (q, k):
+        if t.shape != q.shape or t.stride(3) != 1 or t.stride(2) != d or t.stride(0) != s * t.stride(1):
+            raise ValueError(
+                f"q and k must be [B, S, H, D] views with contiguous heads (column slices of a [B, S, C] buffer); "
+                f"got {tuple(t.shape)} with strides {tuple(t.stride())}"
+            )
     n_blocks = triton.cdiv(s, kv_block)
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]: deterministic, unlike atomics
     new = dict(device=q.device)
@@ -86,6 +87,6 @@ def quantize_qk_int8(q: Tensor, k: Tensor, v: Tensor, kv_block: int = 128) -> In
     grid = (n_blocks, h, b)
     _quantize_qk_kernel[grid](
         q, k, k_mean, packed.q, packed.k, packed.q_scale, packed.k_scale,
-        q.stride(1), s, h, n_blocks, D=d, BLOCK=kv_block, num_warps=4,
+        q.stride(1), k.stride(1), s, h, n_blocks, D=d, BLOCK=kv_block, num_warps=4,
     )  # fmt: skip
     return packed
