@@ -160,8 +160,8 @@ class CudnnFp8Attention:
         scale_s = torch.full((1, 1, 1, 1), FP8_MAX, **new)
         return _CudnnFp8Graph(graph, t, workspace, scale_s, 1.0 / scale_s)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k, v [B, S, H, D] bf16 slices of one [B, S, 3, H, D] buffer -> [B, S, H*D] bf16."""
+    def pack(self, q: Tensor, k: Tensor, v: Tensor) -> _CudnnFp8Call:
+        """Quantize q, k, v [B, S, H, D] bf16 (slices of one [B, S, 3, H, D] buffer) and bind one call's buffers."""
         cudnn = _import("cudnn-fp8")
         b, s, h, d = q.shape
         step = h * d * q.element_size()
@@ -175,7 +175,6 @@ class CudnnFp8Attention:
             self._graphs[key] = self._build(cudnn, qkv8)
         plan = self._graphs[key]
         descale = descales.view(3, 1, 1, 1, 1)
-        descale_o = descale[2]  # |O| <= max |v|: O scaled by 448 / amax(v) fits e4m3
         t = plan.tensors
 
         def bhsd(x: Tensor) -> Tensor:  # the [B, H, S, D] geometry the graph declares, same bytes
@@ -184,11 +183,36 @@ class CudnnFp8Attention:
         pack = {t["q"]: bhsd(qkv8[:, :, 0]), t["k"]: bhsd(qkv8[:, :, 1]), t["v"]: bhsd(qkv8[:, :, 2]),
                 t["o"]: bhsd(out8), t["descale_q"]: descale[0], t["descale_k"]: descale[1],
                 t["descale_v"]: descale[2], t["descale_s"]: plan.descale_s, t["scale_s"]: plan.scale_s,
-                t["scale_o"]: 1.0 / descale_o}  # fmt: skip
-        handle = self._handle(cudnn, q.device)
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
-        plan.graph.execute(pack, plan.workspace, handle=handle)
-        return (out8.view(b, s, h * d).float() * descale_o.view(1)).to(q.dtype)
+                t["scale_o"]: 1.0 / descale[2]}  # fmt: skip
+        # |O| <= max |v|, so O scaled by 448 / amax(v) fits e4m3: V's descale is the output's
+        return _CudnnFp8Call(cudnn, plan, pack, self._handle(cudnn, q.device), out8, descale[2].view(1), q.dtype)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v [B, S, H, D] bf16 slices of one [B, S, 3, H, D] buffer -> [B, S, H*D] bf16."""
+        call = self.pack(q, k, v)
+        call.run()
+        return call.output()
+
+
+@dataclass
+class _CudnnFp8Call:
+    """One bound cuDNN fp8 SDPA call: `run` is the library's kernel alone, `output` dequantizes."""
+
+    cudnn: object
+    plan: _CudnnFp8Graph
+    pack: dict
+    handle: object
+    out8: Tensor  # [B, S, H, D] e4m3
+    descale_o: Tensor  # [1] fp32
+    dtype: torch.dtype
+
+    def run(self) -> None:
+        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(self.out8.device).cuda_stream)
+        self.plan.graph.execute(self.pack, self.plan.workspace, handle=self.handle)
+
+    def output(self) -> Tensor:
+        b, s, h, d = self.out8.shape
+        return (self.out8.view(b, s, h * d).float() * self.descale_o).to(self.dtype)
 
 
 cudnn_fp8_attention = CudnnFp8Attention()
