@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from k4serve.cli_options import parse_size
 from k4serve.engines.torch import TRITON_RECIPES
 from k4serve.kernels import attention as attn
+from k4serve.kernels import attention_sm90
 from k4serve.kernels import library_attention as library
 from k4serve.kernels.qk_int8 import quantize_qk_int8
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_
@@ -113,6 +114,14 @@ def triton_calls(recipe: str, config: attn.AttentionConfig, q, k, v, smooth_k: b
     )
 
 
+def cuda_calls(variant: str, q, k, v):
+    """(kernel on packed operands, the engine's call) of our CUDA kernel, one variant."""
+    packed = quantize_qk_int8(q, k, v)
+    return (lambda: attention_sm90.flash_attention_int8_sm90(packed, variant)), (
+        lambda: attention_sm90.flash_attention_int8_sm90(quantize_qk_int8(q, k, v), variant)
+    )
+
+
 def measure(row: Row, calls_for: Callable[[tuple[Tensor, ...]], tuple[Callable, Callable]], inputs, refs) -> Row:
     """Time `row` on the N(0, 1) inputs and take its error on both input sets; a failure is noted, not raised."""
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
@@ -152,6 +161,14 @@ def attention_rows(config: DiTConfig, grid: tuple[int, int, int]) -> list[Row]:
             best = ranked[0]
             row = Row(f"{option} {best.block_m}x{best.block_n}, smoothed K (torch packing)", None)
             rows.append(measure(row, lambda qkv, c=best: triton_calls("fp8", c, *qkv, smooth_k=True), inputs, refs))
+    reason = attention_sm90.unavailable_reason(DEVICE)
+    for variant in attention_sm90.VARIANTS:
+        option = "cuda-int8" if variant == attention_sm90.DEFAULT_VARIANT else None
+        if reason is not None:
+            rows.append(Row(f"cuda-int8 {variant}", None, note=f"skipped: {reason}"))
+            continue
+        rows.append(measure(Row(f"cuda-int8 {variant}", option), lambda qkv, v=variant: cuda_calls(v, *qkv), inputs,
+                            refs))  # fmt: skip
     for name in library.LIBRARIES:
         reason = library.unavailable_reason(name, DEVICE)
         if reason is not None:

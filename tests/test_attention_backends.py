@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,70 @@ def test_help_states_every_option_and_its_measured_error():
         assert f"error {options.ATTENTION_OPTIONS[name].error:.1e}" in text
     assert "fa4 > triton" in options.describe_attention("auto")
     assert "x0 error 5.2e-02" in options.describe_linear("fp8")
+
+
+# ---- our CUDA kernel (k4serve/kernels/attention_sm90.cu) ----
+
+
+def test_cuda_kernel_compiles_to_hopper_tensor_core_code_without_spills(tmp_path):
+    """Built here with nvcc when it is installed (the GPU host builds the same source at first use)."""
+    import re
+    import subprocess
+
+    import triton
+
+    from k4serve.kernels import attention_sm90
+
+    nvcc = attention_sm90._nvcc()
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if nvcc is None or not cuobjdump.exists():
+        pytest.skip("needs nvcc and Triton's cuobjdump")
+    library = tmp_path / "attention_sm90.so"
+    built = subprocess.run([nvcc, *attention_sm90.NVCC_FLAGS, "-Xptxas", "-v", "-o", str(library),
+                            str(attention_sm90.SOURCE)], capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    report = built.stderr
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == len(attention_sm90.VARIANTS), report
+    assert "C7508" not in report  # ptxas ignoring setmaxnreg
+    sass = subprocess.run([str(cuobjdump), "--dump-sass", str(library)], capture_output=True, text=True).stdout
+    for instruction in ("IGMMA.64x128x32.S8.S8", "HGMMA.64x64x16.F32.BF16", "HGMMA.64x72x16.F32.BF16",
+                        "USETMAXREG", "LDGSTS"):  # fmt: skip
+        assert instruction in sass, instruction
+    assert not re.search(r"\b(LDL|STL)\b", sass), "local memory in the kernel"
+
+
+def describe_mismatch(got: torch.Tensor, want: torch.Tensor, heads: int) -> str:
+    """Where two [B, S, H*64] outputs disagree: NaNs, the bad rows' positions in a 128-row block, bad columns."""
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return f"{(~torch.isfinite(got)).sum().item()} non-finite values"
+    err = (got - want).abs().view(got.shape[0], got.shape[1], heads, 64)
+    bad = err > 0.05 * want.abs().max()
+    rows = bad.any(dim=(2, 3)).nonzero()[:, 1]
+    cols = bad.any(dim=(0, 1)).nonzero()
+    return (f"{bad.float().mean().item():.1%} of values off; bad rows mod 128: "
+            f"{sorted(set((rows % 128).tolist()))[:24]}; bad (head, col): {cols[:12].tolist()}")  # fmt: skip
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["plain", "fast"])
+@pytest.mark.parametrize("b, s, h", [(1, 128, 1), (1, 100, 1), (2, 300, 2), (1, 25_424, 48)])
+def test_cuda_int8_kernel_matches_the_triton_kernel_and_float64(variant, b, s, h):
+    """Same int8 operands as triton-int8: equal up to accumulation order (and the fast variant's lazy max)."""
+    from k4serve.kernels import attention_sm90
+
+    reason = attention_sm90.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    q, k, v = random_qkv(b, s, h, 64, seed=28)
+    packed = quantize_qk_int8(q, k, v)
+    got = attention_sm90.flash_attention_int8_sm90(packed, variant)
+    want = flash_attention_int8(packed)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    diff = rel_error(got, want) if torch.isfinite(got).all() else float("inf")
+    heads = [0, h - 1]
+    exact = attention_reference(*(t[:, :, heads] for t in (q, k, v)))
+    error = rel_error(got.view(b, s, h, 64)[:, :, heads].flatten(2), exact) if diff < 1 else float("inf")
+    print(f"cuda-int8 {variant} B={b} S={s} H={h}: rel. diff vs triton-int8 {diff:.2e}, error vs float64 {error:.2e}")
+    assert diff < 5e-3, describe_mismatch(got, want, h)
+    assert error < 3e-2

@@ -24,13 +24,15 @@ class AttentionOption:
     error: float | None  # that call's rel. L2 error vs fp32
 
 
-# Per call on one H200 (issue 12's measurements, medians; random q, k, v). triton-int8: the torch emulation of its
-# recipe on LayerNorm'd, rotated q, k and random v (benchmarks/NOTES.md), to be replaced by benchmarks/dit.py's row.
+# Per call on one H200 (issue 12's measurements, medians; random q, k, v). triton-int8 / cuda-int8: the torch
+# emulation of their recipe on LayerNorm'd, rotated q, k and random v (benchmarks/NOTES.md), to be replaced by
+# benchmarks/dit.py's rows.
 ATTENTION_OPTIONS: dict[str, AttentionOption] = {
     "fa4": AttentionOption("FlashAttention-4 (CuTe DSL), bf16; pip install 'k4serve[gpu]'", 542, 2.4e-3),
     "triton": AttentionOption("ours (Triton), bf16", 454, 2.4e-3),
     "sdpa": AttentionOption("torch scaled_dot_product_attention, bf16", None, 2.3e-3),
     "triton-int8": AttentionOption("ours (Triton): int8 Q·Kᵀ with smoothed K, bf16 P·V", None, 1.1e-2),
+    "cuda-int8": AttentionOption("ours (CUDA C++, sm_90a, FA3-style warp-specialized): the same recipe", None, 1.1e-2),
     "triton-fp8": AttentionOption("ours (Triton): e4m3 Q·Kᵀ and P·V", 543, 5.5e-2),
     "cudnn-fp8": AttentionOption("cuDNN fp8 SDPA, per-tensor scales; pip install 'k4serve[gpu]'", 504, 6.2e-2),
 }
@@ -91,11 +93,13 @@ def recorded_attention_table() -> dict[str, tuple[float | None, float | None]]:
 
 def unavailable_reason(attention: str, device: str) -> str | None:
     """Why `attention` cannot run on `device` (None: it can). Imports the kernels package, not the libraries."""
-    from k4serve.kernels import library_attention
+    from k4serve.kernels import attention_sm90, library_attention
 
     if attention in library_attention.LIBRARIES:
         return library_attention.unavailable_reason(attention, device)
-    return None  # sdpa and ours: torch and the kernels extra (the CPU runs ours in Triton's interpreter)
+    if attention == "cuda-int8":
+        return attention_sm90.unavailable_reason(device)
+    return None  # sdpa and ours in Triton: torch and the kernels extra (the CPU runs them in Triton's interpreter)
 
 
 def resolve_fast_options(attention: str, linear: str, device: str) -> tuple[str, str]:

@@ -3,7 +3,7 @@
 `FastDiT(dit, attention=..., linear=...)` reads a `DiffusionTransformer3D`'s parameters (bf16
 linears are shared, fp8 ones quantized once) and runs its own forward with the same contract as
 `DiffusionTransformer3D.forward` (the options and their `auto` default: `k4serve.engines.options`).
-Per block the work is 4 GEMMs plus 5 fused passes (+1 packing pass for triton-int8 and cudnn-fp8):
+Per block the work is 4 GEMMs plus 5 fused passes (+1 packing pass for the int8 recipes and cudnn-fp8):
   norm+modulate → QKV GEMM → QK-norm+RoPE(+fp8 pack) → attention → out GEMM
   → gated add+norm+modulate → FF1 GEMM → GELU(+fp8 quant) → FF2 GEMM → gated add+next norm+modulate.
 All 42 blocks' modulations come from the time embedding alone, so they are computed up front. Each
@@ -25,6 +25,7 @@ from k4serve.engines.base import Shape
 from k4serve.engines.options import AUTO, resolve_fast_options
 from k4serve.kernels import attention as attn
 from k4serve.kernels import on_device
+from k4serve.kernels.attention_sm90 import flash_attention_int8_sm90
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
 from k4serve.kernels.library_attention import cudnn_fp8_attention, fa4_attention
 from k4serve.kernels.norm_modulate import norm_modulate
@@ -42,6 +43,10 @@ def _int8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attn.flash_attention_int8(quantize_qk_int8(q, k, v))
 
 
+def _int8_attention_sm90(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return flash_attention_int8_sm90(quantize_qk_int8(q, k, v))
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, s, h, d = q.shape
     return sdpa_attention(q, k, v).reshape(b, s, h * d)
@@ -52,6 +57,7 @@ ATTENTION_FNS = {
     "sdpa": _sdpa,
     "triton": attn.flash_attention,
     "triton-int8": _int8_attention,
+    "cuda-int8": _int8_attention_sm90,
     "fa4": fa4_attention,
     "cudnn-fp8": cudnn_fp8_attention,
 }
