@@ -1,7 +1,7 @@
 // Joint (non-causal) attention for the DiT on Hopper (sm_90a), head_dim 64: the triton-int8 recipe (int8 Q·Kᵀ with
 // smoothed K and per-row / per-block scales, bf16 P·V, fp32 softmax and accumulation) scheduled as FlashAttention-3
 // schedules its forward, which Triton cannot express on Hopper:
-//   - one CTA per 128 query rows of one (sample, head): three warpgroups. WG0 is the producer (one warp issues the
+//   - one CTA per 128 query rows of one (sample, head): three warpgroups. WG0 is the producer (it issues the
 //     cp.async copies of K and V tiles into a 3-stage ring, completion tracked by mbarriers; it keeps 40 registers,
 //     setmaxnreg), WG1 and WG2 are consumers of 64 query rows each (232 registers).
 //   - ping-pong: a consumer issues its tensor-core work (S_j = Q·K_jᵀ, then O += P_{j-1}·V_{j-1}) and hands the
@@ -34,6 +34,7 @@ constexpr int kBlockN = 128;  // keys per KV block (= the int8 K scale block of 
 constexpr int kStages = 3;
 constexpr int kThreads = 384;
 constexpr int kConsumerThreads = 256;
+constexpr int kProducerThreads = 128;
 constexpr float kScoreBias = 12582912.0f;  // 1.5 * 2^23, whose bits are 0x4B400000
 constexpr float kLazyRescale = 8.0f;       // fast variant: keep the max until a row's grows by more than this
 constexpr int kVUnits = kHeadDim / 8 + 1;  // 16-byte units of a V row in shared memory, + the ones unit
@@ -277,20 +278,21 @@ __device__ __forceinline__ void rescale(float (&o)[N], const float (&alpha)[2]) 
   for (int i = 0; i < N; ++i) o[i] *= alpha[(i / 2) % 2];
 }
 
+// Descriptors advance by adding the byte offset / 16 to the start-address field (shared addresses < 256 KB: no
+// carry out of its 14 bits), so the loop adds constants instead of rebuilding them.
 template <int N>
-__device__ __forceinline__ void issue_pv(float (&o)[N], const uint32_t (&p)[32], uint32_t v_base) {
+__device__ __forceinline__ void issue_pv(float (&o)[N], const uint32_t (&p)[32], uint64_t desc_v) {
 #pragma unroll
   for (int c = 0; c < kBlockN / 16; ++c) {
     const uint32_t a[4] = {p[4 * c], p[4 * c + 1], p[4 * c + 2], p[4 * c + 3]};
-    wgmma_pv(o, a, smem_desc(v_base + c * 256, 128, 2048));  // tokens 16c.. : two 8-token core-matrix rows
+    wgmma_pv(o, a, desc_v + c * (256 >> 4));  // tokens 16c..16c+15: two 8-token core-matrix rows
   }
 }
 
-__device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint32_t q_base, uint32_t k_base) {
+__device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k) {
 #pragma unroll
-  for (int kstep = 0; kstep < kHeadDim / 32; ++kstep)
-    wgmma_qk(s, smem_desc(q_base + kstep * 2 * 1024, 1024, 128), smem_desc(k_base + kstep * 2 * 2048, 2048, 128),
-             kstep);
+  for (int kstep = 0; kstep < kHeadDim / 32; ++kstep)  // 32 bytes of K per step: two 16-byte column units
+    wgmma_qk(s, desc_q + kstep * (2 * 1024 >> 4), desc_k + kstep * (2 * 2048 >> 4), kstep);
 }
 
 template <bool kFast>
@@ -308,9 +310,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
   const long long row_bytes = static_cast<long long>(prm.heads) * kHeadDim;  // q8 / k8 row length
 
   if (tid == 0) {
-    mbar_init(&sh.q_full, 32);
+    mbar_init(&sh.q_full, kProducerThreads);
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(&sh.full[i], 32);
+      mbar_init(&sh.full[i], kProducerThreads);
       mbar_init(&sh.empty[i], kConsumerThreads);
     }
   }
@@ -326,49 +328,52 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
 
   if (warpgroup == 0) {
     // ===== producer =====
+    // All four warps copy (one per SM sub-partition, so no scheduler carries the whole producer's issue load).
+    // Warp w copies rows 32w..32w+31 of each 128-row tile, 8 rows x 4 16-byte chunks per instruction.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (tid < 32) {
-      const int sub_row = lane % 8, unit = lane / 8;  // a warp copies 8 rows x 4 16-byte chunks per instruction
-      const int8_t* q_src = prm.q8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
-#pragma unroll 4
-      for (int i = 0; i < kBlockM / 8; ++i) {
-        const int row = 8 * i + sub_row;
-        const uint32_t dst = smem_u32(sh.q) + (row / 64) * 4096 + (row % 64) * 16 + unit * 1024;
-        const bool valid = q0 + row < S;
-        cp_async16(dst, q_src + (valid ? (q0 + row) * row_bytes : 0), valid);
-      }
-      cp_async_arrive(&sh.q_full);
-      const int8_t* k_src = prm.k8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
-      const __nv_bfloat16* v_src = prm.v + static_cast<long long>(b) * S * prm.v_stride + h * kHeadDim;
-      for (int j = 0; j < prm.n_blocks; ++j) {
-        const int stage = j % kStages;
-        mbar_wait(&sh.empty[stage], ((j / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1
-        const int kv0 = j * kBlockN;
-        const uint32_t k_dst = smem_u32(sh.k[stage]), v_dst = smem_u32(sh.v[stage]);
-#pragma unroll 4
-        for (int i = 0; i < kBlockN / 8; ++i) {
-          const int row = 8 * i + sub_row;
-          const bool valid = kv0 + row < S;
-          cp_async16(k_dst + row * 16 + unit * 2048, k_src + (valid ? (kv0 + row) * row_bytes : 0), valid);
+    const int sub_row = 32 * (tid / 32) + lane % 8, unit = lane / 8;
+    const int8_t* q_src = prm.q8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {  // a token's 128 bytes of V: chunks unit and unit + 4
-            const int chunk = unit + 4 * half;
-            cp_async16(v_dst + row * 16 + chunk * 2048,
-                       v_src + (valid ? (kv0 + row) * prm.v_stride : 0) + chunk * 8, valid);
-          }
-        }
-        cp_async_arrive(&sh.full[stage]);
-      }
-      for (int j = prm.n_blocks; j < prm.n_blocks + kStages; ++j)  // stay until the consumers are done
-        mbar_wait(&sh.empty[j % kStages], ((j / kStages) & 1) ^ 1);
+    for (int i = 0; i < 4; ++i) {
+      const int row = sub_row + 8 * i;
+      const uint32_t dst = smem_u32(sh.q) + (row / 64) * 4096 + (row % 64) * 16 + unit * 1024;
+      const bool valid = q0 + row < S;
+      cp_async16(dst, q_src + (valid ? (q0 + row) * row_bytes : 0), valid);
     }
+    cp_async_arrive(&sh.q_full);
+    const int8_t* k_src = prm.k8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
+    const __nv_bfloat16* v_src = prm.v + static_cast<long long>(b) * S * prm.v_stride + h * kHeadDim;
+    for (int j = 0; j < prm.n_blocks; ++j) {
+      const int stage = j % kStages;
+      mbar_wait(&sh.empty[stage], ((j / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1
+      const int kv0 = j * kBlockN;
+      const uint32_t k_dst = smem_u32(sh.k[stage]), v_dst = smem_u32(sh.v[stage]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = sub_row + 8 * i;
+        const bool valid = kv0 + row < S;
+        cp_async16(k_dst + row * 16 + unit * 2048, k_src + (valid ? (kv0 + row) * row_bytes : 0), valid);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // a token's 128 bytes of V: chunks unit and unit + 4
+          const int chunk = unit + 4 * half;
+          cp_async16(v_dst + row * 16 + chunk * 2048, v_src + (valid ? (kv0 + row) * prm.v_stride : 0) + chunk * 8,
+                     valid);
+        }
+      }
+      cp_async_arrive(&sh.full[stage]);
+    }
+    for (int j = prm.n_blocks; j < prm.n_blocks + kStages; ++j)  // stay until the consumers are done
+      mbar_wait(&sh.empty[j % kStages], ((j / kStages) & 1) ^ 1);
   } else {
     // ===== consumers =====
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
     const int consumer = warpgroup - 1;
     const int t = tid % 128;
     const int row0 = 16 * (t / 32) + (t % 32) / 4;  // rows row0 and row0 + 8 of this consumer's 64
-    const uint32_t q_base = smem_u32(sh.q) + consumer * 4096;
+    const uint64_t desc_q = smem_desc(smem_u32(sh.q) + consumer * 4096, 1024, 128);
+    const uint64_t desc_k0 = smem_desc(smem_u32(sh.k[0]), 2048, 128);
+    const uint64_t desc_v0 = smem_desc(smem_u32(sh.v[0]), 128, 2048);
+    constexpr uint32_t kStepK = sizeof(sh.k[0]) >> 4, kStepV = sizeof(sh.v[0]) >> 4;  // one stage, in 16 bytes
     const float* k_scale = prm.k_scale + static_cast<long long>(bh) * prm.n_blocks;
 
     RowState st;
@@ -394,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
     turn_wait(consumer);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     wgmma_fence();
-    issue_qk(s, q_base, smem_u32(sh.k[0]));
+    issue_qk(s, desc_q, desc_k0);
     wgmma_commit();
     turn_pass(consumer);
     wgmma_wait<0>();
@@ -409,9 +414,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
       turn_wait(consumer);
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       wgmma_fence();
-      issue_qk(s, q_base, smem_u32(sh.k[stage]));
+      issue_qk(s, desc_q, desc_k0 + stage * kStepK);
       wgmma_commit();
-      issue_pv(o, p, smem_u32(sh.v[prev]));
+      issue_pv(o, p, desc_v0 + prev * kStepV);
       wgmma_commit();
       turn_pass(consumer);
       wgmma_wait<1>();  // S_j is ready; O += P_{j-1} V_{j-1} still runs
@@ -430,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
     const int last = (prm.n_blocks - 1) % kStages;
     turn_wait(consumer);
     wgmma_fence();
-    issue_pv(o, p, smem_u32(sh.v[last]));
+    issue_pv(o, p, desc_v0 + last * kStepV);
     wgmma_commit();
     if (consumer == 0) turn_pass(consumer);  // consumer 1's last hand-over would have no taker
     wgmma_wait<0>();
