@@ -45,7 +45,6 @@ from k4serve.pipelines.t2v import latent_shape
 
 EAGER = {"eager": SDPBackend.FLASH_ATTENTION, "eager-cudnn": SDPBackend.CUDNN_ATTENTION}
 EAGER_LABELS = {"eager": ("sdpa-flash", "bf16 autocast"), "eager-cudnn": ("sdpa-cudnn", "bf16 autocast")}
-FAST = [(a, lin) for a in options.ATTENTION_OPTIONS for lin in options.LINEAR_OPTIONS]  # every fast setting
 
 
 def tokens(config: DiTConfig, height: int, width: int, seconds: int) -> tuple[tuple[int, ...], int, int]:
@@ -165,9 +164,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="384x672x12", help="HxWxSECONDS,...; the first gets every table")
     parser.add_argument("--repeats", type=int, default=1, help="4-step samples per fast setting (eager: 1)")
+    parser.add_argument("--attentions", default=",".join(options.ATTENTION_OPTIONS), help="fast settings' attention")
+    parser.add_argument("--linears", default=",".join(options.LINEAR_OPTIONS), help="fast settings' linears")
     parser.add_argument("--results", type=Path, help="append the markdown tables to this file")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
+    fast = [(a, lin) for a in args.attentions.split(",") for lin in args.linears.split(",")]  # every combination
 
     dit = build_dit("flash-512", device="cuda", dtype=torch.bfloat16)
     config = dit.config
@@ -204,7 +206,7 @@ def main() -> None:
         total_flops = sum(step_flops(config, n_visual, seq))
         size = f"{height}x{width} {seconds}s ({seq} tok)"
         results = {}
-        for setting in [*EAGER, *FAST] if i == 0 else ["eager", recorded]:
+        for setting in [*EAGER, *fast] if i == 0 else ["eager", recorded]:
             path = setting if isinstance(setting, str) else "fast"
             attention, linear = EAGER_LABELS[setting] if isinstance(setting, str) else setting
             reason = None if isinstance(setting, str) else fast_reason(setting)
