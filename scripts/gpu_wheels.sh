@@ -71,7 +71,16 @@ export PYTHONPATH=$PREFIX/site:$PREFIX/site/nvidia_cutlass_dsl/dsl_packages\${PY
 EOF
   # shellcheck disable=SC1091
   source "$PREFIX/env.sh"
-  python3 -c 'import flash_attn.cute, cudnn; print("gpu wheels: flash_attn.cute and cudnn", cudnn.backend_version())'
+  # report each library (a failing import is printed, not fatal: the other backends still run)
+  python3 - <<'PY'
+import importlib
+for module in ("flash_attn.cute", "cudnn"):
+    try:
+        importlib.import_module(module)
+        print(f"gpu wheels: {module} imports")
+    except Exception as error:
+        print(f"gpu wheels: {module} FAILED to import: {type(error).__name__}: {error}")
+PY
 }
 
 case "${1:-}" in
