@@ -1,13 +1,19 @@
-"""DiT benchmark on one GPU: the eager reference against the fast engine, full size, random weights.
+"""DiT benchmark on one GPU: the eager reference against every fast-engine setting, full size, random weights.
 
     python benchmarks/dit.py --results benchmarks/RESULTS.md
 
-For each (height, width, seconds) it runs the 4-step Flash sampler (same noise, same text embedding) through
-  eager      the reference module under bf16 autocast with SDPA's flash backend forced (the official code path)
-  fast-*     k4serve.engines.torch.FastDiT (attention sdpa|triton|triton-fp8, linear bf16|fp8, CUDA graphs)
-and prints time per step (median) and for the 4 steps, achieved TFLOP/s, peak GPU memory, and the relative
-error and cosine similarity of the final x0 against the eager bf16 reference. Before that, the attention
-kernel alone at the largest size: cuDNN and flash SDPA beside every Triton tiling tried (bf16 and fp8).
+One run prints, at the first size (default 12 s at 384x672, 25,424 tokens):
+  1. the attention table of benchmarks/attention.py: every backend's TFLOP/s and per-call error at the exact shape
+  2. a block's four GEMMs in bf16 and fp8
+  3. the 4-step Flash sampler (same noise, same text embedding) through
+       eager      the reference module under bf16 autocast with SDPA's flash backend forced (the official path)
+       eager-cudnn  the same through cuDNN's SDPA: the bf16 noise floor of x0
+       fast       k4serve.engines.torch.FastDiT for every attention x linear option (CUDA graphs)
+     with time per step (median) and for the 4 steps, TFLOP/s, peak memory, and x0's relative error and cosine
+     against eager measured in the same run;
+  4. the `fast` default that the rule of k4serve.engines.options picks from these tables, beside the recorded one;
+  5. each bf16-linear path's kernel time per forward by family (profiler).
+Later sizes (--sizes) run eager and the recorded default only.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from attention import attention_rows, engine_table, format_rows, token_grid
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from k4serve.engines import options
 from k4serve.engines.torch import TEXT_LEN, FastDiT
 from k4serve.kernels import attention as attn
 from k4serve.kernels.quantize import quantize_rowwise
@@ -35,24 +43,14 @@ from k4serve.models.dit import DiTConfig, build_dit
 from k4serve.models.schedulers import FlashSampler
 from k4serve.pipelines.t2v import latent_shape
 
-PATHS = {  # name -> (attention, linear); a str = the eager reference with that SDPA backend
-    "eager": "flash",
-    "eager-cudnn": "cudnn",  # the same bf16 model through another kernel: the bf16 noise floor of x0
-    "fast-sdpa": ("sdpa", "bf16"),
-    "fast-bf16": ("triton", "bf16"),
-    "fast-fp8-attn": ("triton-fp8", "bf16"),
-    "fast-fp8-linear": ("triton", "fp8"),
-    "fast-fp8": ("triton-fp8", "fp8"),
-    "fast-fp8-fastacc": ("triton-fp8", "fp8-fast"),
-}
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+EAGER = {"eager": SDPBackend.FLASH_ATTENTION, "eager-cudnn": SDPBackend.CUDNN_ATTENTION}
+EAGER_LABELS = {"eager": ("sdpa-flash", "bf16 autocast"), "eager-cudnn": ("sdpa-cudnn", "bf16 autocast")}
 
 
 def tokens(config: DiTConfig, height: int, width: int, seconds: int) -> tuple[tuple[int, ...], int, int]:
     """Latent shape [T, H/8, W/8, 16], visual tokens, joint sequence length."""
-    shape = latent_shape(height, width, seconds)
-    n_visual = math.prod(n // p for n, p in zip(shape[:3], config.patch_size, strict=True))
-    return shape, n_visual, n_visual + TEXT_LEN
+    n_visual = math.prod(token_grid(config, height, width, seconds))
+    return latent_shape(height, width, seconds), n_visual, n_visual + TEXT_LEN
 
 
 def step_flops(config: DiTConfig, n_visual: int, seq: int) -> tuple[float, float]:
@@ -61,39 +59,6 @@ def step_flops(config: DiTConfig, n_visual: int, seq: int) -> tuple[float, float
     linear = 2 * seq * blocks * (4 * d * d + 2 * d * ff)
     linear += 2 * n_visual * d * (config.patch_numel * config.in_visual_dim) * 2 + 2 * TEXT_LEN * config.in_text_dim * d
     return linear, blocks * attn.attention_flops(1, seq, config.num_heads, config.head_dim)
-
-
-def attention_table(config: DiTConfig, seq: int) -> list[tuple[str, float, float]]:
-    """(name, ms, rel. error on head 0 vs fp32) for SDPA backends and every Triton tiling, at one call's shape."""
-    h, d = config.num_heads, config.head_dim
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = torch.randn(1, seq, 3, h, d, device="cuda", dtype=torch.bfloat16, generator=g).unbind(2)
-    head = [t[:, :, 0].float() for t in (q, k, v)]  # [1, S, D]
-    with sdpa_kernel(SDPBackend.MATH):
-        expected = F.scaled_dot_product_attention(*head)[0]  # [S, D]
-
-    def error(out):
-        out = out.reshape(seq, h, d)[:, 0].float()
-        return ((out - expected).norm() / expected.norm()).item()
-
-    rows = []
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
-        with sdpa_kernel(backend):
-            run = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
-            rows.append((name, triton.testing.do_bench(run, return_mode="median"), error(run().transpose(1, 2))))
-    packed = attn.quantize_qkv_fp8(q, k, v)
-    for fp8 in (False, True):
-        timings = attn.tune_attention(1, seq, h, d, fp8=fp8)
-        for config_, ms in sorted(timings.items(), key=lambda item: item[1]):
-            c = config_
-            name = f"triton-{'fp8' if fp8 else 'bf16'} {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
-            if math.isinf(ms):
-                rows.append((name + " (failed)", ms, float("nan")))
-                continue
-            out = attn.flash_attention_fp8(packed, c) if fp8 else attn.flash_attention(q, k, v, c)
-            rows.append((name, ms, error(out)))
-    return rows
 
 
 def gemm_runs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -135,7 +100,7 @@ def kernel_breakdown(engine: FastDiT, x: torch.Tensor, text: torch.Tensor, time_
             continue
         name = event.key.lower()
         family = next((f for f in ("qk_norm_rope", "norm_modulate", "gelu_quant") if f in name), None)
-        if family is None and any(tag in name for tag in ("_attention_kernel", "flash", "fmha", "cudnn")):
+        if family is None and any(tag in name for tag in ("_attention_kernel", "flash", "fmha", "sdpa", "cudnn")):
             family = "attention"
         if family is None and any(tag in name for tag in ("gemm", "nvjet", "cutlass", "xmma")):
             family = "gemm"
@@ -143,23 +108,23 @@ def kernel_breakdown(engine: FastDiT, x: torch.Tensor, text: torch.Tensor, time_
     return families
 
 
-def run_path(dit, name: str, shape, text, repeats: int, profile: bool) -> dict:
-    """Sample 4 steps `repeats` times through one path; DiT time per step (median), peak memory, final x0."""
+def run_path(dit, setting: str | tuple[str, str], shape, text, repeats: int, profile: bool) -> dict:
+    """Sample 4 steps `repeats` times through an eager path (its name) or a fast (attention, linear) setting;
+    DiT time per step (median), peak memory, final x0."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    choice = PATHS[name]
     breakdown = None
     prepare = time.perf_counter()
-    if isinstance(choice, str):
+    if isinstance(setting, str):
 
         def denoiser(x, t):
-            with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(BACKENDS[choice]):
+            with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(EAGER[setting]):
                 return dit(x, text, t)
 
         denoiser(torch.randn((1, *shape), device="cuda", dtype=torch.bfloat16), torch.tensor([999], device="cuda"))
     else:
-        engine = FastDiT(dit, attention=choice[0], linear=choice[1])
+        engine = FastDiT(dit, attention=setting[0], linear=setting[1])
         engine.load([(1, *shape)])
         denoiser = lambda x, t: engine(x, text, t)  # noqa: E731
         if profile:
@@ -190,16 +155,21 @@ def compare(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return ((x - ref).norm() / ref.norm()).item(), F.cosine_similarity(x, ref, dim=0).item()
 
 
+def fast_reason(setting: tuple[str, str]) -> str | None:
+    """Why a fast setting cannot run on this GPU (a library backend not installed), None if it can."""
+    return options.unavailable_reason(setting[0], "cuda")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="384x672x12,512x512x2,512x512x6", help="HxWxSECONDS,...")
-    parser.add_argument("--paths", default="eager,eager-cudnn,fast-sdpa,fast-bf16,fast-fp8-attn,fast-fp8-linear,"
-                        "fast-fp8,fast-fp8-fastacc",
-                        help="paths at the first size; later sizes run eager,fast-bf16,fast-fp8")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=3, help="4-step samples per fast path (eager: 1)")
+    parser.add_argument("--sizes", default="384x672x12", help="HxWxSECONDS,...; the first gets every table")
+    parser.add_argument("--repeats", type=int, default=1, help="4-step samples per fast setting (eager: 1)")
+    parser.add_argument("--attentions", default=",".join(options.ATTENTION_OPTIONS), help="fast settings' attention")
+    parser.add_argument("--linears", default=",".join(options.LINEAR_OPTIONS), help="fast settings' linears")
     parser.add_argument("--results", type=Path, help="append the markdown tables to this file")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
+    fast = [(a, lin) for a in args.attentions.split(",") for lin in args.linears.split(",")]  # every combination
 
     dit = build_dit("flash-512", device="cuda", dtype=torch.bfloat16)
     config = dit.config
@@ -210,49 +180,80 @@ def main() -> None:
               f"cuDNN {torch.backends.cudnn.version()} · `python {' '.join(sys.argv)}`")  # fmt: skip
     lines = [f"### DiT benchmark, {header}", ""]
 
-    # 1. the attention kernel alone, one call at the first size
-    shape, n_visual, seq = tokens(config, *sizes[0])
+    def emit(new: list[str]) -> None:
+        lines.extend(new)
+        print("\n".join(new), flush=True)
+
+    # 1. the attention kernels alone, one call at the first size
+    grid = token_grid(config, *sizes[0])
+    seq = math.prod(grid) + TEXT_LEN
     flops = attn.attention_flops(1, seq, config.num_heads, config.head_dim)
-    lines += [f"Attention, one call: [1, {seq}, {config.num_heads}, {config.head_dim}], "
-              f"{flops / 1e12:.2f} TFLOP; error = rel. L2 vs fp32 math on head 0", "",
-              "| kernel | ms | TFLOP/s | rel. error |", "|---|---|---|---|"]  # fmt: skip
-    for name, ms, err in attention_table(config, seq):
-        lines.append(f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {err:.2e} |")
-    print("\n".join(lines), flush=True)
+    rows = attention_rows(config, grid)
+    emit([f"Attention, one call: [1, {seq}, {config.num_heads}, {config.head_dim}], {flops / 1e12:.2f} TFLOP; "
+          "error = rel. L2 vs float64 on the first and last head (**bold**: the tiling the engine runs)", "",
+          *format_rows(rows, flops)])  # fmt: skip
+    # 2. a block's GEMMs
+    emit(["", "| GEMM (one block linear) | ms | TFLOP/s |", "|---|---|---|",
+          *(f"| {name} | {ms:.3f} | {tflops:.0f} |" for name, ms, tflops in gemm_table(config, seq))])  # fmt: skip
 
-    lines += ["", "| GEMM (one block linear) | ms | TFLOP/s |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.3f} | {tflops:.0f} |" for name, ms, tflops in gemm_table(config, seq)]
-    print("\n".join(lines[-14:]), flush=True)
-
-    # 2. the 4-step sampler per size and path
-    lines += ["", "| size | path | DiT s/step | 4 steps s | TFLOP/s | speed-up | peak GiB | prepare s "
-              "| x0 rel. err | x0 cosine |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    # 3. the 4-step sampler per size and setting
+    emit(["", "| size | path | attention | linear | DiT s/step | 4 steps s | TFLOP/s | speed-up | peak GiB | prepare s "
+          "| x0 rel. err | x0 cosine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"])  # fmt: skip
+    recorded = options.resolve_fast_options(options.AUTO, options.AUTO, "cuda")
+    breakdowns, dit_table = {}, {}
     for i, (height, width, seconds) in enumerate(sizes):
         shape, n_visual, seq = tokens(config, height, width, seconds)
         total_flops = sum(step_flops(config, n_visual, seq))
-        names = args.paths.split(",") if i == 0 else ["eager", "fast-bf16", "fast-fp8"]
+        size = f"{height}x{width} {seconds}s ({seq} tok)"
         results = {}
-        for name in names:
-            repeats = 1 if name.startswith("eager") else args.repeats
-            results[name] = run_path(dit, name, shape, text, repeats, i == 0)
-            r, ref = results[name], results["eager"]
+        for setting in [*EAGER, *fast] if i == 0 else ["eager", recorded]:
+            path = setting if isinstance(setting, str) else "fast"
+            attention, linear = EAGER_LABELS[setting] if isinstance(setting, str) else setting
+            reason = None if isinstance(setting, str) else fast_reason(setting)
+            if reason is not None:
+                emit([f"| {size} | {path} | {attention} | {linear} | skipped: {reason} |"])
+                continue
+            try:
+                repeats = 1 if isinstance(setting, str) else args.repeats
+                profile = i == 0 and not isinstance(setting, str) and linear == "bf16"
+                results[setting] = r = run_path(dit, setting, shape, text, repeats, profile)
+            except Exception as error:  # one setting failing must not stop the others
+                emit([f"| {size} | {path} | {attention} | {linear} | failed: {type(error).__name__}: "
+                      f"{str(error)[:200]} |"])  # fmt: skip
+                continue
+            if "eager" not in results:
+                raise RuntimeError("the eager reference failed: no x0 to compare against (see its row)")
+            ref = results["eager"]
             err, cos = compare(r["x0"], ref["x0"])
-            row = (f"| {height}x{width} {seconds}s ({seq} tok) | {name} | {r['step']:.3f} | {4 * r['step']:.2f} | "
-                   f"{total_flops / r['step'] / 1e12:.0f} | {ref['step'] / r['step']:.2f}x | {r['peak']:.1f} | "
-                   f"{r['prepare']:.1f} | {err:.2e} | {cos:.5f} |")  # fmt: skip
-            lines.append(row)
-            print(row, flush=True)
-        if i == 0:
-            breakdowns = {name: r["breakdown"] for name, r in results.items() if r["breakdown"]}
-            families = next(iter(breakdowns.values()))
-            title = f"Kernel time per forward at {height}x{width} {seconds}s (ms, one forward, no graph)"
-            breakdown_lines = ["", title, "", "| path | " + " | ".join(families) + " | total |",
-                               "|---|" + "---|" * (len(families) + 1)]  # fmt: skip
-            for name, b in breakdowns.items():
-                breakdown_lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in b.values())
-                                       + f" | {sum(b.values()):.1f} |")  # fmt: skip
-    lines += breakdown_lines
-    print("\n".join(lines))
+            if i == 0 and not isinstance(setting, str):
+                dit_table[setting] = (4 * r["step"], err)
+            if r["breakdown"]:
+                breakdowns[f"{attention}/{linear}"] = r["breakdown"]
+            emit([f"| {size} | {path} | {attention} | {linear} | {r['step']:.3f} | {4 * r['step']:.2f} | "
+                  f"{total_flops / r['step'] / 1e12:.0f} | {ref['step'] / r['step']:.2f}x | {r['peak']:.1f} | "
+                  f"{r['prepare']:.1f} | {err:.2e} | {cos:.5f} |"])  # fmt: skip
+            del r
+
+    # 4. the default rule on this run's tables
+    measured = engine_table(rows, flops)
+    try:
+        pick = options.choose_fast_default(measured, dit_table)
+        verdict = "as recorded" if pick == recorded else "differs: update ATTENTION_OPTIONS / DIT_TABLE"
+        pick_line = f"**The rule on this run's tables picks `fast` = {pick[0]} + {pick[1]} linears** ({verdict}"
+    except ValueError as error:
+        pick_line = f"**The rule found no default on this run's tables**: {error} ("
+    emit(["", f"{pick_line}; recorded default in k4serve/engines/options.py on this machine: {recorded[0]} + "
+          f"{recorded[1]}). Rule: the fastest attention call with error <= {options.BF16_LEVEL:g}, then the fastest "
+          f"linears whose x0 error <= {options.X0_BUDGET:g}."])  # fmt: skip
+
+    # 5. kernel time per forward
+    if breakdowns:
+        families = next(iter(breakdowns.values()))
+        height, width, seconds = sizes[0]
+        emit(["", f"Kernel time per forward at {height}x{width} {seconds}s (ms, one forward, no graph)", "",
+              "| attention/linear | " + " | ".join(families) + " | total |", "|---|" + "---|" * (len(families) + 1),
+              *(f"| {name} | " + " | ".join(f"{v:.1f}" for v in b.values()) + f" | {sum(b.values()):.1f} |"
+                for name, b in breakdowns.items())])  # fmt: skip
     if args.results:
         existing = args.results.read_text() if args.results.exists() else "# Benchmark results\n"
         args.results.write_text(existing.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")

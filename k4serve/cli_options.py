@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from k4serve.engines.base import ATTENTION, ENGINES, LINEAR
+from k4serve.engines.base import ENGINES
+from k4serve.engines.options import ATTENTION, LINEAR, describe_attention, describe_linear, option_help
 from k4serve.pipelines.t2v import PIPELINE_PRESETS, SUPPORTED_SIZES
 
 
@@ -47,5 +48,9 @@ def add_model_arguments(
     parser.add_argument(
         "--engine-dir", default=None, help="with --engine aoti|tensorrt|onnxruntime: the folder `k4serve export` wrote"
     )
-    parser.add_argument("--attention", choices=ATTENTION, default=attention, help="the DiT's attention kernel")
-    parser.add_argument("--linear", choices=LINEAR, default=linear, help="the DiT's linear-layer dtype")
+    attention_help = "--engine fast's attention kernel (error: one call vs fp32). "
+    parser.add_argument("--attention", choices=ATTENTION, default=attention, metavar="NAME",
+                        help=attention_help + option_help(ATTENTION, describe_attention))  # fmt: skip
+    linear_help = "--engine fast's linear layers (x0: the 4-step sample vs bf16 eager). "
+    parser.add_argument("--linear", choices=LINEAR, default=linear, metavar="NAME",
+                        help=linear_help + option_help(LINEAR, describe_linear))  # fmt: skip

@@ -7,6 +7,7 @@ import torch
 from test_kernels import exact_fp8_casts, rel_error, two_gpus  # noqa: F401  (fixture re-used by name)
 
 from k4serve.engines.base import Engine
+from k4serve.engines.options import unavailable_reason
 from k4serve.engines.torch import FastDiT
 from k4serve.models.dit import DiTConfig, build_dit
 
@@ -35,7 +36,9 @@ def test_fast_forward_equals_module_in_float32(attention):
 
 
 @interpreter
-@pytest.mark.parametrize("attention, linear, bound", [("triton-fp8", "bf16", 2e-2), ("sdpa", "fp8", 5e-2)])
+@pytest.mark.parametrize(
+    "attention, linear, bound", [("triton-fp8", "bf16", 2e-2), ("triton-int8", "bf16", 2e-3), ("sdpa", "fp8", 5e-2)]
+)
 def test_fp8_paths_stay_close_to_module(attention, linear, bound):
     dit = build_dit(SMALL, seed=3)
     x, text, time = inputs(SMALL, "cpu", torch.float32)
@@ -55,11 +58,18 @@ def test_engine_interface_and_bad_options():
 @gpu
 # cuda:1 while GPU 0 stays current (a Triton instance on GPU 1, a device map): kernels, streams, graphs follow the model
 @pytest.mark.parametrize("device", ["cuda:0", pytest.param("cuda:1", marks=two_gpus)])
-@pytest.mark.parametrize("attention, linear, bound", [("triton", "bf16", 2e-2), ("triton-fp8", "fp8", 1.5e-1)])
+@pytest.mark.parametrize(
+    "attention, linear, bound",
+    [("triton", "bf16", 2e-2), ("fa4", "bf16", 2e-2), ("triton-int8", "bf16", 4e-2), ("cuda-int8", "bf16", 4e-2),
+     ("triton-fp8", "fp8", 1.5e-1), ("cudnn-fp8", "bf16", 1.5e-1)],
+)  # fmt: skip
 def test_cuda_graph_engine_against_autocast_module(attention, linear, bound, device):
     config = DiTConfig(in_text_dim=256, time_dim=128, model_dim=512, ff_dim=2048, num_blocks=2)  # head_dim 64
     dit = build_dit(config, device=device, dtype=torch.bfloat16, seed=4)
     x, text, time = inputs(config, device, torch.bfloat16, grid=(5, 16, 24), text_len=224)
+    reason = unavailable_reason(attention, device)
+    if reason is not None:
+        pytest.skip(reason)
     torch.cuda.set_device(0)
     engine = FastDiT(dit, attention=attention, linear=linear)
     out = engine(x, text, time)  # first call: tune + capture, then replay

@@ -67,8 +67,8 @@ def test_configs_default_to_the_tiny_preset_and_env_overrides(model):
         "preset": "tiny",
         "weights": None,
         "engine": "eager",
-        "attention": "sdpa",
-        "linear": "bf16",
+        "attention": "auto",
+        "linear": "auto",
     }
     env = {"K4SERVE_PRESET": "flash-512", "K4SERVE_WEIGHTS": "/weights", "K4SERVE_LINEAR": "fp8"}
     options = pipeline_options(config, environ=env)

@@ -13,9 +13,7 @@ ENGINES = ("eager", "fast")  # the reference modules, or the fused kernels (Fast
 # Engines run from files that `k4serve export` wrote into an engine_dir (k4serve.engines.exported).
 EXPORTED_ENGINES = ("aoti", "tensorrt", "onnxruntime")
 ENGINES += EXPORTED_ENGINES
-# Options of the fast DiT engine (k4serve.engines.torch.FastDiT), here so CLIs can list them without importing triton.
-ATTENTION = ("sdpa", "triton", "triton-fp8")
-LINEAR = ("bf16", "fp8", "fp8-fast")  # fp8-fast: fp8 GEMMs with Hopper's fast (unpromoted) accumulation
+# The fast DiT engine's attention and linear options: k4serve.engines.options (no triton import, for the CLIs).
 
 
 @runtime_checkable

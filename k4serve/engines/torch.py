@@ -2,7 +2,8 @@
 
 `FastDiT(dit, attention=..., linear=...)` reads a `DiffusionTransformer3D`'s parameters (bf16
 linears are shared, fp8 ones quantized once) and runs its own forward with the same contract as
-`DiffusionTransformer3D.forward`. Per block the work is 4 GEMMs plus 5 fused passes:
+`DiffusionTransformer3D.forward` (the options and their `auto` default: `k4serve.engines.options`).
+Per block the work is 4 GEMMs plus 5 fused passes (+1 packing pass for the int8 recipes and cudnn-fp8):
   norm+modulate → QKV GEMM → QK-norm+RoPE(+fp8 pack) → attention → out GEMM
   → gated add+norm+modulate → FF1 GEMM → GELU(+fp8 quant) → FF2 GEMM → gated add+next norm+modulate.
 All 42 blocks' modulations come from the time embedding alone, so they are computed up front. Each
@@ -20,17 +21,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from k4serve.engines.base import ATTENTION, LINEAR, Shape
+from k4serve.engines.base import Shape
 from k4serve.engines.cuda_graphs import CapturedGraph
+from k4serve.engines.options import AUTO, resolve_fast_options
 from k4serve.kernels import attention as attn
 from k4serve.kernels import on_device
+from k4serve.kernels.attention_sm90 import flash_attention_int8_sm90
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
+from k4serve.kernels.library_attention import cudnn_fp8_attention, fa4_attention
 from k4serve.kernels.norm_modulate import norm_modulate
+from k4serve.kernels.qk_int8 import quantize_qk_int8
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8
 from k4serve.kernels.quantize import Fp8Linear
 from k4serve.models.dit import DiffusionTransformer3D, TransformerBlock, sdpa_attention, unpatchify
 
 TEXT_LEN = 224  # T5 max_length: the text shape of every bucket the pipelines serve
+# Triton kernel recipe of each attention option that runs ours (tuned per bucket)
+TRITON_RECIPES = {"triton": "bf16", "triton-int8": "int8", "triton-fp8": "fp8"}
+
+
+def _int8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return attn.flash_attention_int8(quantize_qk_int8(q, k, v))
+
+
+def _int8_attention_sm90(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return flash_attention_int8_sm90(quantize_qk_int8(q, k, v))
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    b, s, h, d = q.shape
+    return sdpa_attention(q, k, v).reshape(b, s, h * d)
+
+
+# attention over the bf16 q, k, v views of the QKV buffer -> [B, S, H*D]; triton-fp8 packs inside the QK-norm pass
+ATTENTION_FNS = {
+    "sdpa": _sdpa,
+    "triton": attn.flash_attention,
+    "triton-int8": _int8_attention,
+    "cuda-int8": _int8_attention_sm90,
+    "fa4": fa4_attention,
+    "cudnn-fp8": cudnn_fp8_attention,
+}
 
 
 def _norm(layer: nn.LayerNorm) -> tuple[Tensor, Tensor]:
@@ -75,16 +106,15 @@ class _Block:
 class FastDiT:
     """Fused-kernel DiT forward over a reference module's weights; see the module docstring."""
 
-    def __init__(self, dit: DiffusionTransformer3D, attention: str = "triton", linear: str = "bf16",
+    def __init__(self, dit: DiffusionTransformer3D, attention: str = AUTO, linear: str = AUTO,
                  cuda_graphs: bool = True):  # fmt: skip
-        if attention not in ATTENTION or linear not in LINEAR:
-            raise ValueError(f"attention must be one of {ATTENTION} and linear one of {LINEAR}; "
-                             f"got {attention!r}, {linear!r}")  # fmt: skip
+        self.device = next(dit.parameters()).device
+        attention, linear = resolve_fast_options(attention, linear, str(self.device))
         self.dit = dit
         self.config = dit.config
         self.attention = attention
+        self.linear = linear
         self.fp8_linear = linear != "bf16"
-        self.device = next(dit.parameters()).device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.blocks = [_Block.wrap(block, linear) for block in dit.blocks()]
         self._rope: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
@@ -132,12 +162,11 @@ class FastDiT:
 
     def _tune(self, x_shape: Shape, text_len: int) -> None:
         """Pick the attention kernel's tiling for this bucket's sequence length (skipped when cached)."""
-        if not self.attention.startswith("triton") or self.device.type != "cuda":
+        if self.attention not in TRITON_RECIPES or self.device.type != "cuda":
             return
         seq_len = math.prod(self.dit.token_grid(x_shape)) + text_len
-        attn.ensure_tuned(
-            x_shape[0], seq_len, self.config.num_heads, self.config.head_dim, self.attention == "triton-fp8"
-        )
+        recipe = TRITON_RECIPES[self.attention]
+        attn.ensure_tuned(x_shape[0], seq_len, self.config.num_heads, self.config.head_dim, recipe)
 
     # ---- the forward ----
 
@@ -150,7 +179,6 @@ class FastDiT:
 
     def _attention(self, block: _Block, y: Tensor, y_scale: Tensor | None, n_visual: int, rope) -> Tensor:
         """Joint attention of one block: [B, S, D] normalised input -> [B, S, D] attention output."""
-        b, s, _ = y.shape
         source = block.source.self_attention
         heads = self.config.num_heads
         qkv = _project(block.qkv, y, y_scale)  # [B, S, 3D]
@@ -158,9 +186,7 @@ class FastDiT:
         if self.attention == "triton-fp8":
             return attn.flash_attention_fp8(qk_norm_rope_fp8(qkv, heads, *norms), out_dtype=qkv.dtype)
         q, k, v = qk_norm_rope_(qkv, heads, *norms)  # [B, S, H, Dh] views of qkv
-        if self.attention == "triton":
-            return attn.flash_attention(q, k, v)
-        return sdpa_attention(q, k, v).reshape(b, s, -1)
+        return ATTENTION_FNS[self.attention](q, k, v)
 
     def forward(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
         """The fused forward without graphs (what each bucket's graph captures)."""

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from k4serve.engines.base import LINEAR, Shape
+from k4serve.engines.base import Shape
 from k4serve.engines.cuda_graphs import CapturedGraph
+from k4serve.engines.options import LINEAR_OPTIONS
 from k4serve.kernels import on_device
 from k4serve.models.v2a_unet import SpatialTransformer, V2AUNet
 
@@ -75,9 +76,9 @@ class FastUNet:
 
     def __init__(self, unet: V2AUNet, linear: str = "bf16", attention: str = "flash", channels_last: bool = False,
                  torch_compile: bool = False, cuda_graphs: bool = True):  # fmt: skip
-        if linear not in LINEAR or attention not in UNET_ATTENTION:
-            raise ValueError(f"linear must be one of {LINEAR} and attention one of {tuple(UNET_ATTENTION)}; "
-                             f"got {linear!r}, {attention!r}")  # fmt: skip
+        if linear not in LINEAR_OPTIONS or attention not in UNET_ATTENTION:
+            raise ValueError(f"linear must be one of {tuple(LINEAR_OPTIONS)} and attention one of "
+                             f"{tuple(UNET_ATTENTION)}; got {linear!r}, {attention!r}")  # fmt: skip
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
         self.config = unet.config

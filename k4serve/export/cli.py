@@ -11,9 +11,9 @@ import shlex
 import time
 
 from k4serve.cli_options import parse_size
-from k4serve.engines.base import ATTENTION, LINEAR
 from k4serve.engines.contracts import CONTRACTS, Bucket
 from k4serve.engines.manifest import EXPORT_DTYPES, engine_path, export_command, weights_id
+from k4serve.engines.options import ATTENTION, LINEAR
 from k4serve.export.errors import ExportError
 from k4serve.pipelines.t2v import PIPELINE_PRESETS, validate_request
 

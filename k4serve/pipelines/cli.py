@@ -22,7 +22,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH, e.g. 384x672")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (random if absent; printed)")
     parser.add_argument("--device", type=parse_device, default="cpu", help="cuda, cpu, or a per-component map")
-    add_model_arguments(parser, preset="tiny", engine="eager", attention="sdpa", linear="bf16")
+    add_model_arguments(parser, preset="tiny", engine="eager", attention="auto", linear="auto")
 
 
 def progress_bars() -> Callable[[str, int, int], None]:

@@ -91,8 +91,8 @@ class PipelineSettings:
     device: str | dict[str, str] = "cpu"
     engine: str = "eager"  # eager | fast (fused kernels: the DiT's with CUDA graphs, the VAE's norms) | exported:
     engine_dir: str | None = None  # aoti | tensorrt | onnxruntime run the engines `k4serve export` wrote here
-    attention: str = "sdpa"  # fast engine: sdpa | triton | triton-fp8
-    linear: str = "bf16"  # fast engine: bf16 | fp8
+    attention: str = "auto"  # fast engine: k4serve.engines.options.ATTENTION (auto: the bf16-level default)
+    linear: str = "auto"  # fast engine: k4serve.engines.options.LINEAR
     seed: int = 0  # random-weight seed when no weights are given
     extra: dict = field(default_factory=dict)
 

@@ -1,0 +1,496 @@
+// Joint (non-causal) attention for the DiT on Hopper (sm_90a), head_dim 64: the triton-int8 recipe (int8 Q·Kᵀ with
+// smoothed K and per-row / per-block scales, bf16 P·V, fp32 softmax and accumulation) scheduled as FlashAttention-3
+// schedules its forward, which Triton cannot express on Hopper:
+//   - one CTA per 128 query rows of one (sample, head): three warpgroups. WG0 is the producer (it issues the
+//     cp.async copies of K and V tiles into a 3-stage ring, completion tracked by mbarriers; it keeps 40 registers,
+//     setmaxnreg), WG1 and WG2 are consumers of 64 query rows each (232 registers).
+//   - ping-pong: a consumer issues its tensor-core work (S_j = Q·K_jᵀ, then O += P_{j-1}·V_{j-1}) and hands the
+//     tensor cores to the other consumer through a named barrier, then runs block j's softmax while the other's
+//     MMAs run. (The source waits for S_j alone before the softmax, FA3's intra-warpgroup overlap, but ptxas 13.0
+//     schedules the wait for P·V_{j-1} ahead of the softmax anyway; at head_dim 64 the exp2s, not the tensor
+//     cores, bound the loop, and the ping-pong alone keeps both busy.)
+//   - S accumulates exactly in int32 (|s| <= 64·127² < 2^22) and becomes fp32 by an integer add of the bits of
+//     1.5·2^23 (no I2F); the bias folds into the per-row constant that the softmax subtracts.
+//   - the `fast` variant (kFast) also takes two jobs off the issue slots, which bound a head_dim-64 softmax: the row
+//     sums come from the tensor cores (V's tile carries an extra 8 columns of ones, so P·V's column 64 is Σ p), and
+//     the running max is only moved when a row's max grows by more than 2^8 (FlashAttention-4's lazy rescaling:
+//     p <= 256 stays exact enough in bf16 and fp32), so most blocks skip the O rescale and its exp2.
+// Shared-memory tiles use the no-swizzle ("interleave") canonical wgmma layouts, written by cp.async in 16-byte
+// chunks (a warp writes 8 rows x 4 chunks per instruction: 4 wavefronts, the minimum for 512 bytes):
+//   Q, K (int8, K-major): byte (row, k) at row*16 + (k/16)*(rows*16) + k%16     LBO = rows*16, SBO = 128
+//   V (bf16, N-major):    (token t, dim d) at t*16 + (d/8)*2048 + (d%8)*2 bytes   LBO = 128,     SBO = 2048
+//                         (dims 64..71: the constant ones of the fast variant)
+// Built at first use by k4serve/kernels/attention_sm90.py (nvcc -gencode=arch=compute_90a,code=sm_90a).
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kHeadDim = 64;
+constexpr int kBlockM = 128;  // query rows per CTA: 64 per consumer warpgroup
+constexpr int kBlockN = 128;  // keys per KV block (= the int8 K scale block of the packing)
+constexpr int kStages = 3;
+constexpr int kThreads = 384;
+constexpr int kConsumerThreads = 256;
+constexpr int kProducerThreads = 128;
+constexpr float kScoreBias = 12582912.0f;  // 1.5 * 2^23, whose bits are 0x4B400000
+constexpr float kLazyRescale = 8.0f;       // fast variant: keep the max until a row's grows by more than this
+constexpr int kVUnits = kHeadDim / 8 + 1;  // 16-byte units of a V row in shared memory, + the ones unit
+
+struct __align__(128) Shared {
+  int8_t q[kBlockM * kHeadDim];                    // two 64-row tiles, one per consumer
+  int8_t k[kStages][kBlockN * kHeadDim];
+  __nv_bfloat16 v[kStages][kBlockN * 8 * kVUnits];
+  uint64_t q_full;
+  uint64_t full[kStages];   // producer -> consumers: the stage's K and V landed
+  uint64_t empty[kStages];  // consumers -> producer: the stage may be overwritten
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers and cp.async ----
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// 16 bytes global -> shared; rows past the sequence are zero-filled without reading (src-size 0)
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// one arrival on `bar` once all of this thread's earlier cp.async copies have landed
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+
+// ---- named barriers: the two consumers take turns on the tensor cores ----
+
+__device__ __forceinline__ void turn_wait(int consumer) {
+  asm volatile("bar.sync %0, %1;" ::"r"(1 + consumer), "n"(kConsumerThreads) : "memory");
+}
+
+__device__ __forceinline__ void turn_pass(int consumer) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(1 + (consumer ^ 1)), "n"(kConsumerThreads) : "memory");
+}
+
+// ---- wgmma ----
+
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  // start address, leading and stride byte offsets in 16-byte units; base offset 0, no swizzle
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Pin register arrays after a wait: their reads may not move above it, and (for operands of an MMA in flight)
+// their registers may not be reused before it.
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// S[64 x 128] (+)= Q[64 x 32] · K[128 x 32]ᵀ, int8 -> int32, both operands K-major in shared memory
+__device__ __forceinline__ void wgmma_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k, int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p;\n"
+      "}\n"
+      : "+r"(s[0]), "+r"(s[1]), "+r"(s[2]), "+r"(s[3]), "+r"(s[4]), "+r"(s[5]), "+r"(s[6]), "+r"(s[7]),
+        "+r"(s[8]), "+r"(s[9]), "+r"(s[10]), "+r"(s[11]), "+r"(s[12]), "+r"(s[13]), "+r"(s[14]), "+r"(s[15]),
+        "+r"(s[16]), "+r"(s[17]), "+r"(s[18]), "+r"(s[19]), "+r"(s[20]), "+r"(s[21]), "+r"(s[22]), "+r"(s[23]),
+        "+r"(s[24]), "+r"(s[25]), "+r"(s[26]), "+r"(s[27]), "+r"(s[28]), "+r"(s[29]), "+r"(s[30]), "+r"(s[31]),
+        "+r"(s[32]), "+r"(s[33]), "+r"(s[34]), "+r"(s[35]), "+r"(s[36]), "+r"(s[37]), "+r"(s[38]), "+r"(s[39]),
+        "+r"(s[40]), "+r"(s[41]), "+r"(s[42]), "+r"(s[43]), "+r"(s[44]), "+r"(s[45]), "+r"(s[46]), "+r"(s[47]),
+        "+r"(s[48]), "+r"(s[49]), "+r"(s[50]), "+r"(s[51]), "+r"(s[52]), "+r"(s[53]), "+r"(s[54]), "+r"(s[55]),
+        "+r"(s[56]), "+r"(s[57]), "+r"(s[58]), "+r"(s[59]), "+r"(s[60]), "+r"(s[61]), "+r"(s[62]), "+r"(s[63])
+      : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+}
+
+// O[64 x 64] += P[64 x 16] · V[16 x 64], bf16 -> fp32; P from registers, V N-major in shared memory
+__device__ __forceinline__ void wgmma_pv(float (&o)[32], const uint32_t (&p)[4], uint64_t desc_v) {
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+      "}\n"
+      : "+f"(o[0]), "+f"(o[1]), "+f"(o[2]), "+f"(o[3]), "+f"(o[4]), "+f"(o[5]), "+f"(o[6]), "+f"(o[7]),
+        "+f"(o[8]), "+f"(o[9]), "+f"(o[10]), "+f"(o[11]), "+f"(o[12]), "+f"(o[13]), "+f"(o[14]), "+f"(o[15]),
+        "+f"(o[16]), "+f"(o[17]), "+f"(o[18]), "+f"(o[19]), "+f"(o[20]), "+f"(o[21]), "+f"(o[22]), "+f"(o[23]),
+        "+f"(o[24]), "+f"(o[25]), "+f"(o[26]), "+f"(o[27]), "+f"(o[28]), "+f"(o[29]), "+f"(o[30]), "+f"(o[31])
+      : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+}
+
+// O[64 x 72] += P[64 x 16] · V[16 x 72]: the fast variant, whose columns 64..71 accumulate the row sums of P
+__device__ __forceinline__ void wgmma_pv(float (&o)[36], const uint32_t (&p)[4], uint64_t desc_v) {
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35}, "
+      "{%36, %37, %38, %39}, %40, 1, 1, 1, 1;\n"
+      "}\n"
+      : "+f"(o[0]), "+f"(o[1]), "+f"(o[2]), "+f"(o[3]), "+f"(o[4]), "+f"(o[5]), "+f"(o[6]), "+f"(o[7]),
+        "+f"(o[8]), "+f"(o[9]), "+f"(o[10]), "+f"(o[11]), "+f"(o[12]), "+f"(o[13]), "+f"(o[14]), "+f"(o[15]),
+        "+f"(o[16]), "+f"(o[17]), "+f"(o[18]), "+f"(o[19]), "+f"(o[20]), "+f"(o[21]), "+f"(o[22]), "+f"(o[23]),
+        "+f"(o[24]), "+f"(o[25]), "+f"(o[26]), "+f"(o[27]), "+f"(o[28]), "+f"(o[29]), "+f"(o[30]), "+f"(o[31]),
+        "+f"(o[32]), "+f"(o[33]), "+f"(o[34]), "+f"(o[35])
+      : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v));
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+struct Params {
+  const int8_t* q8;       // [B*S, H*64] int8
+  const int8_t* k8;       // [B*S, H*64] int8, smoothed
+  const float* q_scale;   // [B, H, S]
+  const float* k_scale;   // [B, H, n_blocks]
+  const __nv_bfloat16* v; // [B, S, H, 64] view, row stride v_stride elements
+  __nv_bfloat16* out;     // [B, S, H*64]
+  long long v_stride;
+  int seq_len, heads, n_blocks;
+  float qk_scale;         // log2(e) / sqrt(64)
+};
+
+// ---- the consumer's softmax on one block of scores ----
+//
+// Accumulator layout of a 64 x N wgmma (CUTLASS's CLayout_64xN): thread t of the warpgroup (warp w, lane l) holds
+// rows r = 16w + l/4 and r + 8; register 4j + e is row r + 8*(e/2), column 8j + 2*(l%4) + (e%2). The A-operand
+// layout of a 16-bit m64k16 wgmma is the same, so columns 16c..16c+15 of S are registers 8c..8c+7, in order.
+
+struct RowState {
+  float m[2];      // running max of the scaled scores (base 2), rows r and r + 8
+  float l[2];      // this thread's share of the running sums
+  float scale[2];  // q_scale * qk_scale of the two rows
+};
+
+// s (int32 scores) -> p (fp32, in place, relative to the running max); alpha = exp2(m_old - m_new) per row, and
+// whether any row of this warp moved its max (the fast variant skips the O rescale when none did)
+template <bool kFast>
+__device__ __forceinline__ bool softmax_block(uint32_t (&s)[64], RowState& st, float k_scale, int valid_cols,
+                                              int lane, float (&alpha)[2]) {
+  float* f = reinterpret_cast<float*>(s);
+#pragma unroll
+  for (int i = 0; i < 64; ++i) f[i] = __int_as_float(static_cast<int>(s[i]) + 0x4B400000);  // exact: 1.5·2^23 + s
+  if (valid_cols < kBlockN) {  // the ragged last block
+    const int col0 = 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < 64; ++i)
+      if (8 * (i / 4) + col0 + (i % 2) >= valid_cols) f[i] = -INFINITY;
+  }
+  float rs[2], block_max[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) mx = fmaxf(mx, fmaxf(f[4 * j + 2 * half], f[4 * j + 2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    rs[half] = st.scale[half] * k_scale;
+    block_max[half] = (mx - kScoreBias) * rs[half];  // every row has a valid column in every block
+  }
+  bool moved = true;
+  if (kFast) {  // move the max only past a growth of 2^kLazyRescale (a fresh row's -inf always moves)
+    const bool grow = block_max[0] > st.m[0] + kLazyRescale || block_max[1] > st.m[1] + kLazyRescale;
+    moved = __any_sync(0xffffffff, grow);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float m_new = moved ? fmaxf(st.m[half], block_max[half]) : st.m[half];
+    alpha[half] = moved ? exp2_approx(st.m[half] - m_new) : 1.f;
+    st.m[half] = m_new;
+    const float shift = m_new + kScoreBias * rs[half];  // p = exp2(biased * rs - (m_new + bias * rs))
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = f[4 * j + 2 * half + e];
+        x = exp2_approx(__fmaf_rn(x, rs[half], -shift));
+        if (!kFast) sum += x;  // the fast variant sums on the tensor cores
+      }
+    }
+    if (!kFast) st.l[half] = st.l[half] * alpha[half] + sum;
+  }
+  return moved;
+}
+
+__device__ __forceinline__ void pack_p(const uint32_t (&s)[64], uint32_t (&p)[32]) {
+  const float* f = reinterpret_cast<const float*>(s);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) p[i] = pack_bf16(f[2 * i], f[2 * i + 1]);
+}
+
+template <int N>
+__device__ __forceinline__ void rescale(float (&o)[N], const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) o[i] *= alpha[(i / 2) % 2];
+}
+
+// Descriptors advance by adding the byte offset / 16 to the start-address field (shared addresses < 256 KB: no
+// carry out of its 14 bits), so the loop adds constants instead of rebuilding them.
+template <int N>
+__device__ __forceinline__ void issue_pv(float (&o)[N], const uint32_t (&p)[32], uint64_t desc_v) {
+#pragma unroll
+  for (int c = 0; c < kBlockN / 16; ++c) {
+    const uint32_t a[4] = {p[4 * c], p[4 * c + 1], p[4 * c + 2], p[4 * c + 3]};
+    wgmma_pv(o, a, desc_v + c * (256 >> 4));  // tokens 16c..16c+15: two 8-token core-matrix rows
+  }
+}
+
+__device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k) {
+#pragma unroll
+  for (int kstep = 0; kstep < kHeadDim / 32; ++kstep)  // 32 bytes of K per step: two 16-byte column units
+    wgmma_qk(s, desc_q + kstep * (2 * 1024 >> 4), desc_k + kstep * (2 * 2048 >> 4), kstep);
+}
+
+template <bool kFast>
+__global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const Params prm) {
+  constexpr int kOut = kFast ? 36 : 32;  // O accumulator registers (fast: + the row-sum columns)
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  const int lane = tid % 32;
+  const int bh = blockIdx.y;
+  const int b = bh / prm.heads, h = bh % prm.heads;
+  const int q0 = blockIdx.x * kBlockM;
+  const int S = prm.seq_len;
+  const long long row_bytes = static_cast<long long>(prm.heads) * kHeadDim;  // q8 / k8 row length
+
+  if (tid == 0) {
+    mbar_init(&sh.q_full, kProducerThreads);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&sh.full[i], kProducerThreads);
+      mbar_init(&sh.empty[i], kConsumerThreads);
+    }
+  }
+  if (kFast) {  // the ones unit of every V stage, read by the tensor cores: a generic write, then the proxy fence
+    const uint4 ones = make_uint4(0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u);  // bf16 1.0 x 8
+    for (int i = tid; i < kStages * kBlockN; i += kThreads) {
+      uint8_t* unit = reinterpret_cast<uint8_t*>(sh.v[i / kBlockN]) + (i % kBlockN) * 16 + (kVUnits - 1) * 2048;
+      *reinterpret_cast<uint4*>(unit) = ones;
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ===== producer =====
+    // All four warps copy (one per SM sub-partition, so no scheduler carries the whole producer's issue load).
+    // Warp w copies rows 32w..32w+31 of each 128-row tile, 8 rows x 4 16-byte chunks per instruction.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    const int sub_row = 32 * (tid / 32) + lane % 8, unit = lane / 8;
+    const int8_t* q_src = prm.q8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = sub_row + 8 * i;
+      const uint32_t dst = smem_u32(sh.q) + (row / 64) * 4096 + (row % 64) * 16 + unit * 1024;
+      const bool valid = q0 + row < S;
+      cp_async16(dst, q_src + (valid ? (q0 + row) * row_bytes : 0), valid);
+    }
+    cp_async_arrive(&sh.q_full);
+    const int8_t* k_src = prm.k8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
+    const __nv_bfloat16* v_src = prm.v + static_cast<long long>(b) * S * prm.v_stride + h * kHeadDim;
+    for (int j = 0; j < prm.n_blocks; ++j) {
+      const int stage = j % kStages;
+      mbar_wait(&sh.empty[stage], ((j / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1
+      const int kv0 = j * kBlockN;
+      const uint32_t k_dst = smem_u32(sh.k[stage]), v_dst = smem_u32(sh.v[stage]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = sub_row + 8 * i;
+        const bool valid = kv0 + row < S;
+        cp_async16(k_dst + row * 16 + unit * 2048, k_src + (valid ? (kv0 + row) * row_bytes : 0), valid);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // a token's 128 bytes of V: chunks unit and unit + 4
+          const int chunk = unit + 4 * half;
+          cp_async16(v_dst + row * 16 + chunk * 2048, v_src + (valid ? (kv0 + row) * prm.v_stride : 0) + chunk * 8,
+                     valid);
+        }
+      }
+      cp_async_arrive(&sh.full[stage]);
+    }
+    for (int j = prm.n_blocks; j < prm.n_blocks + kStages; ++j)  // stay until the consumers are done
+      mbar_wait(&sh.empty[j % kStages], ((j / kStages) & 1) ^ 1);
+  } else {
+    // ===== consumers =====
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int consumer = warpgroup - 1;
+    const int t = tid % 128;
+    const int row0 = 16 * (t / 32) + (t % 32) / 4;  // rows row0 and row0 + 8 of this consumer's 64
+    const uint64_t desc_q = smem_desc(smem_u32(sh.q) + consumer * 4096, 1024, 128);
+    const uint64_t desc_k0 = smem_desc(smem_u32(sh.k[0]), 2048, 128);
+    const uint64_t desc_v0 = smem_desc(smem_u32(sh.v[0]), 128, 2048);
+    constexpr uint32_t kStepK = sizeof(sh.k[0]) >> 4, kStepV = sizeof(sh.v[0]) >> 4;  // one stage, in 16 bytes
+    const float* k_scale = prm.k_scale + static_cast<long long>(bh) * prm.n_blocks;
+
+    RowState st;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = q0 + 64 * consumer + row0 + 8 * half;
+      st.m[half] = -INFINITY;
+      st.l[half] = 0.f;
+      st.scale[half] = (row < S ? prm.q_scale[static_cast<long long>(bh) * S + row] : 1.f) * prm.qk_scale;
+    }
+    uint32_t s[64];
+    uint32_t p[32];
+    float o[kOut];
+#pragma unroll
+    for (int i = 0; i < kOut; ++i) o[i] = 0.f;
+    float alpha[2];
+
+    if (consumer == 1) turn_pass(consumer);  // consumer 0 takes the tensor cores first
+    mbar_wait(&sh.q_full, 0);
+
+    // block 0: scores and softmax only
+    mbar_wait(&sh.full[0], 0);
+    turn_wait(consumer);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    wgmma_fence();
+    issue_qk(s, desc_q, desc_k0);
+    wgmma_commit();
+    turn_pass(consumer);
+    wgmma_wait<0>();
+    fence_regs(s);
+    softmax_block<kFast>(s, st, k_scale[0], min(kBlockN, S), lane, alpha);
+    pack_p(s, p);
+
+    for (int j = 1; j < prm.n_blocks; ++j) {
+      const int stage = j % kStages, prev = (j - 1) % kStages;
+      const float block_scale = k_scale[j];
+      mbar_wait(&sh.full[stage], (j / kStages) & 1);
+      turn_wait(consumer);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      wgmma_fence();
+      issue_qk(s, desc_q, desc_k0 + stage * kStepK);
+      wgmma_commit();
+      issue_pv(o, p, desc_v0 + prev * kStepV);
+      wgmma_commit();
+      turn_pass(consumer);
+      wgmma_wait<1>();  // S_j is ready; O += P_{j-1} V_{j-1} still runs
+      fence_regs(s);
+      const bool moved = softmax_block<kFast>(s, st, block_scale, min(kBlockN, S - j * kBlockN), lane, alpha);
+      fence_regs(s);
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(p);
+      mbar_arrive(&sh.empty[prev]);
+      if (moved) rescale(o, alpha);
+      pack_p(s, p);
+    }
+
+    // the last P·V
+    const int last = (prm.n_blocks - 1) % kStages;
+    turn_wait(consumer);
+    wgmma_fence();
+    issue_pv(o, p, desc_v0 + last * kStepV);
+    wgmma_commit();
+    if (consumer == 0) turn_pass(consumer);  // consumer 1's last hand-over would have no taker
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(p);
+    mbar_arrive(&sh.empty[last]);
+
+    // normalise and store rows row0, row0 + 8: columns 8j + 2*(t%4) + {0, 1}
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float l;
+      if (kFast) {
+        l = o[kOut - 4 + 2 * half];  // P·V's column 64: the whole row's Σ p, in every thread of the quad
+      } else {
+        l = st.l[half];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+      }
+      const float inv = 1.f / l;
+      const int row = q0 + 64 * consumer + row0 + 8 * half;
+      if (row < S) {
+        __nv_bfloat16* dst = prm.out + (static_cast<long long>(b) * S + row) * row_bytes + h * kHeadDim +
+                             2 * (t % 4);
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j)
+          *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+              pack_bf16(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+      }
+    }
+  }
+}
+
+template <bool kFast>
+int launch(const Params& prm, int batch, cudaStream_t stream) {
+  static bool configured = false;  // the first call happens outside any graph capture (the engine warms up)
+  if (!configured) {
+    cudaError_t err = cudaFuncSetAttribute(attention_int8_sm90_kernel<kFast>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(sizeof(Shared)));
+    if (err != cudaSuccess) return static_cast<int>(err);
+    configured = true;
+  }
+  dim3 grid((prm.seq_len + kBlockM - 1) / kBlockM, batch * prm.heads);
+  attention_int8_sm90_kernel<kFast><<<grid, kThreads, sizeof(Shared), stream>>>(prm);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+// variant 0: plain (row sums on the FMA pipe, rescale every block); 1: fast (see the header)
+extern "C" int k4serve_attention_int8_sm90(const int8_t* q8, const int8_t* k8, const float* q_scale,
+                                            const float* k_scale, const void* v, long long v_stride, void* out,
+                                            int batch, int seq_len, int heads, int n_blocks, int variant,
+                                            cudaStream_t stream) {
+  const Params prm{q8, k8, q_scale, k_scale, static_cast<const __nv_bfloat16*>(v), static_cast<__nv_bfloat16*>(out),
+                   v_stride, seq_len, heads, n_blocks, 1.4426950408889634f / 8.f};
+  return variant ? launch<true>(prm, batch, stream) : launch<false>(prm, batch, stream);
+}
