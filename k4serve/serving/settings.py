@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 # config.pbtxt parameter -> PipelineSettings field. `linear` is the dtype knob: the DiT's linear layers in
 # bf16 or fp8 on the fast engine; activations follow the device (bf16 on the GPU, float32 on the CPU).
-SETTING_KEYS = ("preset", "weights", "engine", "attention", "linear")
+# `mp4_preset`: the H.264 settings of the muxer and t2v_stream (fast, or official: the official writer's).
+SETTING_KEYS = ("preset", "weights", "engine", "attention", "linear", "mp4_preset")
 ENV_PREFIX = "K4SERVE_"
 DEVICE_ENV = "K4SERVE_DEVICE"  # forces every stage onto one device ("cpu", "cuda:1"), whatever Triton chose
 
