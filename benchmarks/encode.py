@@ -142,7 +142,9 @@ def main() -> None:
             + ["--presets", *args.presets, "--crfs", *map(str, args.crfs), f"--repeat {args.repeat}"]
         )
         title = f"H.264 encode settings, {f} x {h}x{w} frames ({source}), {os.cpu_count()} CPUs visible"
-        append_table(title, command, f"median of {args.repeat} encodes, libx264 on all cores", table)
+        load = os.getloadavg()[0]  # the machine may be shared: its load when the run ended
+        method = f"median of {args.repeat} encodes, libx264 on all cores, load average {load:.1f} at the end"
+        append_table(title, command, method, table)
 
 
 if __name__ == "__main__":

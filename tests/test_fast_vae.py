@@ -99,3 +99,20 @@ def test_a_larger_video_size_regrows_the_state_and_recaptures():
                     for hw in ((4, 6), (6, 8)))  # fmt: skip
     for z in (small, large, small):
         assert torch.equal(fast.decode(z), plain.decode(z))
+
+
+@gpu
+@pytest.mark.gpu
+def test_fast_pipeline_decodes_through_the_engine_and_writes_the_mp4():
+    from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline, num_frames
+    from k4serve.pipelines.video_io import decode_mp4
+
+    fast = T2VPipeline.from_settings(PipelineSettings(preset="tiny", device="cuda", engine="fast"))
+    eager = T2VPipeline.from_settings(PipelineSettings(preset="tiny", device="cuda"))
+    assert isinstance(fast.vae_decoder, FastVAEDecoder) and eager.vae_decoder is eager.vae
+    latents = eager.latents("a red fox", 384, 672, seconds=2, seed=3)
+    frames, expected = fast.decode(latents), eager.decode(latents)
+    assert frames.shape == expected.shape == (num_frames(2), 384, 672, 3)
+    assert relative_error(torch.from_numpy(frames), torch.from_numpy(expected)) < 2e-2
+    decoded, _ = decode_mp4(fast.encode_video(latents))
+    assert decoded.shape == frames.shape

@@ -35,8 +35,10 @@ STATS_BLOCK = 1024
 APPLY_BLOCK = 1024
 TILE = 4096  # NDHWC: elements of one [pixels, channels] tile
 MAX_TILE_CHANNELS = 256
-STATS_TILES = 8  # NDHWC: tiles per statistics program (chunks of 8 * TILE / channels pixels)
-MERGE_BLOCK = 1024
+# NDHWC statistics: about this many programs per tensor (a few waves on an H200's 132 SMs), each over whole tiles;
+# more would only lengthen the merge, whose one program per group reads every (channel, chunk) partial.
+STATS_PROGRAMS = 2048
+MERGE_BLOCK = 2048
 CHANNELS_LAST = torch.channels_last_3d
 
 
@@ -75,20 +77,20 @@ def _chunk_moments_kernel(x_ptr, mean_ptr, m2_ptr, group_numel, CHUNK: tl.conste
 
 
 @triton.jit
-def _channels_last_moments_kernel(x_ptr, mean_ptr, m2_ptr, C, pixels, x_batch_stride, CHUNK_P: tl.constexpr,
+def _channels_last_moments_kernel(x_ptr, mean_ptr, m2_ptr, C, pixels, chunk_pixels, x_batch_stride,
                                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     chunk = tl.program_id(0)  # of pixels (t, h, w); axis 0 has no 65535 limit
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
     cmask = channels < C
-    start = chunk * CHUNK_P
-    count = tl.minimum(pixels - start, CHUNK_P)
+    start = chunk * chunk_pixels
+    count = tl.minimum(pixels - start, chunk_pixels)
     base = x_ptr + b.to(tl.int64) * x_batch_stride
     # per channel, sums shifted by the chunk's first pixel (as NCDHW's per-group chunk)
     pivot = tl.load(base + start.to(tl.int64) * C + channels, mask=cmask, other=0.0).to(tl.float32)
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for offset in range(0, CHUNK_P, BLOCK_P):
+    for offset in range(0, chunk_pixels, BLOCK_P):
         p = offset + tl.arange(0, BLOCK_P)
         mask = (p < count)[:, None] & cmask[None, :]
         ptrs = base + (start + p).to(tl.int64)[:, None] * C + channels[None, :]
@@ -140,13 +142,15 @@ def group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
     if is_channels_last(x):
         pixels = x[0, 0].numel()
         block_p, block_c = channel_tile(c)
-        full = block_p * STATS_TILES  # pixels per partial (one channel's chunk)
+        channel_blocks = triton.cdiv(c, block_c)
+        programs = max(STATS_PROGRAMS // (channel_blocks * b), 1)  # per (channel block, sample)
+        full = triton.cdiv(triton.cdiv(pixels, block_p), programs) * block_p  # pixels per (channel, chunk) partial
         series = triton.cdiv(pixels, full)
         means = torch.empty(b * c, series, device=x.device, dtype=torch.float32)
         m2s = torch.empty_like(means)
         with on_device(x.device):
-            _channels_last_moments_kernel[(series, triton.cdiv(c, block_c), b)](
-                x, means, m2s, c, pixels, x.stride(0), CHUNK_P=full, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4
+            _channels_last_moments_kernel[(series, channel_blocks, b)](
+                x, means, m2s, c, pixels, full, x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4
             )
         last = pixels - full * (series - 1)
     elif x.is_contiguous():
@@ -166,7 +170,7 @@ def group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
     with on_device(x.device):
         _merge_moments_kernel[(b * groups,)](
             means, m2s, mean, rstd, means.numel() // (b * groups), series, full, last, eps, BLOCK=MERGE_BLOCK,
-            num_warps=4,
+            num_warps=8,
         )  # fmt: skip
     return mean, rstd
 

@@ -30,10 +30,11 @@ class X264Settings:
 
 # `official`: the official writer (torchvision's write_video with crf 5 at x264's default preset, medium).
 # `fast`: the default, picked by benchmarks/encode.py as the fastest setting whose PSNR against the source frames
-# stays within 0.5 dB of the official one's (RESULTS.md, "H.264 encode settings").
+# stays within 0.5 dB of the official one's (RESULTS.md, "H.264 encode settings": +0.14 dB, ~5x faster, files
+# ~1.5x larger: ultrafast drops CABAC and B-frames).
 MP4_PRESETS: dict[str, X264Settings] = {
     "official": X264Settings("medium", 5),
-    "fast": X264Settings("veryfast", 5),
+    "fast": X264Settings("ultrafast", 5),
 }
 DEFAULT_MP4_PRESET = "fast"
 
