@@ -1,21 +1,23 @@
 """The fast CogVideoX VAE decoder: the reference module's weights in channels-last memory, fused NDHWC norms, the
 causal convs' past frames carried without copying their inputs, one CUDA graph per chunk shape.
 
-`FastVAEDecoder(decoder)` takes a `CogVideoXDecoder` over (its conv weights are restored to channels-last memory
-in place: same values, same names) and decodes with the same contract as `CogVideoXDecoder.decode_chunks` and
-`decode`, chunk for chunk in diffusers' temporal chunks. Why channels-last: on an H200, cuDNN's bf16 conv3d at the
-decoder's widest shapes runs 746-785 TFLOP/s with NDHWC operands against 505-648 with NCDHW ones, and the NCDHW
-path adds layout transposes around each conv.
+`FastVAEDecoder(decoder)` takes a `CogVideoXDecoder` over (its conv weights are stored channels-last in place:
+same values, same names; the module's own forward still runs on them) and decodes with the same contract as
+`CogVideoXDecoder.decode_chunks` and `decode`, chunk for chunk in diffusers' temporal chunks. Why channels-last:
+on an H200, cuDNN's bf16 conv3d at the decoder's widest shapes runs 746-785 TFLOP/s with NDHWC operands against
+505-648 with NCDHW ones, and the NCDHW path adds layout transposes around each conv.
 
-Per causal 3x3x3 conv of a chunk of T frames (the reference: `CausalConv3d`, `norm_silu_conv`):
+The upsamplers convolve before doubling time (a frame and its copy give the same output). Per causal 3x3x3 conv
+of a chunk of T frames (the reference: `CausalConv3d`, `norm_silu_conv`):
   1. a time-padded input [B, C, 2 + T, H, W] (NDHWC) from the allocator (the CUDA graph's pool);
   2. its first 2 frames: copies of frame 0 at the start of a video, else this conv's persistent `past` buffer;
   3. the fused norm + SiLU writes frames 2.. and stores its last 2 frames into `past` for the next chunk;
   4. cuDNN's conv3d.
 The reference instead copies the past frames in and clones the cache out; only step 2's copy is left here.
-`past` holds 2 frames of every causal conv's input (2.1 GB at 384x672 in bf16; the eager decode holds the same
-cache while it runs): one flat buffer per conv, grown to the largest video seen and shared by every size's graphs.
-So one decode runs at a time per engine; a second one started while the first is still read stops the first.
+`past` holds 2 frames of every causal conv's input (by count 2 x 524 M values, 2.1 GB at 384x672 in bf16; the
+eager decode holds the same cache while it runs): one flat buffer per conv, grown to the largest video seen and
+shared by every size's graphs. So one decode runs at a time per engine; a second one started while the first is
+still read stops the first.
 
 CUDA graphs: one per (latent chunk shape, first chunk of a video or not), i.e. two per video size (first chunk 3
 latent frames, then 2), captured before the decode's first chunk (the warm-up runs write `past`) into one shared
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from k4serve.engines.base import Shape
@@ -39,7 +42,13 @@ from k4serve.models.cogvideox_vae import (
     CogVideoXDecoder,
     ResnetBlock3D,
     SpatialNorm3D,
+    Upsample3D,
+    blocks,
+    cells,
+    decoded_frames,
+    empty_in_layout,
     latent_chunks,
+    time_segments,
 )
 
 ChunkKey = tuple[Shape, bool]  # (latent chunk shape [B, 16, t, h, w], first chunk of a video)
@@ -180,7 +189,7 @@ class FastVAEDecoder:
             for resnet in block.resnets:
                 x = self._resnet(resnet, x, z, first)
             for upsampler in block.upsamplers:
-                x = channels_last(upsampler(x))
+                x = upsample(upsampler, x)
         # 3. out norm, SiLU, conv to RGB               [B, 3, T', 8h, 8w]
         return self._norm_silu_conv(decoder.norm_out, decoder.conv_out, x, z, first)
 
@@ -218,6 +227,26 @@ class FastVAEDecoder:
             self._graphs.clear()  # captured graphs point into the buffer replaced here
             self._past[conv] = padded.new_empty(numel)
         return self._past[conv][:numel].view(b, tp, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def nearest(x: Tensor, time_levels: int, space: int) -> Tensor:
+    """x [B, C, T, H, W] nearest-upsampled x2 in time `time_levels` times (a lone first frame of an odd T > 1 kept
+    single, as `Upsample3D`) and x`space` in H and W, into one NDHWC tensor; each piece is written in place."""
+    b, c, t, h, w = x.shape
+    out = empty_in_layout(x, (b, c, decoded_frames(t, time_levels), space * h, space * w))
+    for seg in time_segments(t):
+        dst = out[:, :, decoded_frames(seg.start, time_levels) : decoded_frames(seg.stop, time_levels)]
+        blocks(dst, x[:, :, seg].shape[2:]).copy_(cells(x[:, :, seg]))
+    return out
+
+
+def upsample(upsampler: Upsample3D, x: Tensor) -> Tensor:
+    """`Upsample3D`'s nearest x2 and per-frame 3x3 conv, with the conv before the time doubling: a frame and its
+    copy convolve to the same output, so the conv sees each distinct frame once (the same values, half the work
+    where the block doubles time)."""
+    weight = upsampler.conv.weight.unsqueeze(2)  # the per-frame Conv2d as a (1, 3, 3) Conv3d
+    y = channels_last(F.conv3d(nearest(x, 0, 2), weight, upsampler.conv.bias, padding=(0, 1, 1)))
+    return nearest(y, 1, 1) if upsampler.compress_time else y
 
 
 def _first_frame_copies(padded: Tensor, tp: int) -> Tensor:
