@@ -289,6 +289,25 @@ def test_group_norm_stats_keep_the_variance_of_large_mean_features(layout):
     torch.testing.assert_close(rstd.double(), (want_var + 1e-6).rsqrt(), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [dtype for dtype, _ in NORM_DTYPES])
+def test_residual_is_added_in_the_statistics_pass(dtype):
+    # a resnet's h += shortcut(x) fused with the next norm's statistics: the sum as torch's add_ rounds it
+    g = torch.Generator().manual_seed(18)
+    h, x = (in_layout((torch.randn(2, 64, 3, 8, 12, generator=g) + 4).to(DEVICE, dtype), "channels-last") for _ in "hx")
+    expected_sum = h.clone().add_(x)
+    mean, rstd = group_norm_stats(h, groups=32, eps=1e-6, residual=x)
+    assert torch.equal(h, expected_sum)
+    rows = expected_sum.double().reshape(2 * 32, -1)
+    torch.testing.assert_close(mean.double(), rows.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (rows.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4, atol=0)
+    scale = torch.ones(2, 64, 3, 4, 6, device=DEVICE, dtype=dtype)
+    weight, bias = torch.ones(64, device=DEVICE, dtype=dtype), torch.zeros(64, device=DEVICE, dtype=dtype)
+    with pytest.raises(ValueError, match="stats must be"):
+        spatial_norm_silu(h, scale, scale, weight, bias, groups=32, eps=1e-6, stats=(mean[:4], rstd[:4]))
+    with pytest.raises(ValueError, match="residual .* must be channels-last like x"):
+        group_norm_stats(h, groups=32, eps=1e-6, residual=x.contiguous())
+
+
 # (frames, latent frames, spatial factor): odd with its lone first frame, even, the mid block's 1:1, an image
 # cuda:1: the VAE on GPU 1 while GPU 0 stays current; the kernels must launch on their tensors' GPU
 @pytest.mark.parametrize("device", [DEVICE, pytest.param("cuda:1", marks=two_gpus)])

@@ -36,8 +36,9 @@ from torch import Tensor
 
 from k4serve.engines.base import Shape
 from k4serve.kernels import on_device
-from k4serve.kernels.group_norm import CHANNELS_LAST, spatial_norm_silu
+from k4serve.kernels.group_norm import CHANNELS_LAST, group_norm_stats, spatial_norm_silu
 from k4serve.models.cogvideox_vae import (
+    NORM_EPS,
     CausalConv3d,
     CogVideoXDecoder,
     ResnetBlock3D,
@@ -52,6 +53,7 @@ from k4serve.models.cogvideox_vae import (
 )
 
 ChunkKey = tuple[Shape, bool]  # (latent chunk shape [B, 16, t, h, w], first chunk of a video)
+Stats = tuple[Tensor, Tensor]  # (mean, rstd) of a norm's input, per (sample, group)
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -184,23 +186,32 @@ class FastVAEDecoder:
         if z.shape[2] >= tp:
             past.copy_(z[:, :, -tp:])
         x = channels_last(conv_in.conv(padded))
-        # 2. mid block, then up blocks (x2 in space for all but the last, x2 in time for the first ones)
+        # 2. mid block, then up blocks (x2 in space for all but the last, x2 in time for the first ones); a resnet
+        #    whose output goes to a norm adds its residual in that norm's statistics pass
+        stats = None
         for block in (decoder.mid_block, *decoder.up_blocks):
-            for resnet in block.resnets:
-                x = self._resnet(resnet, x, z, first)
+            for i, resnet in enumerate(block.resnets):
+                to_norm = i + 1 < len(block.resnets) or not block.upsamplers
+                x, stats = self._resnet(resnet, x, z, first, stats, to_norm)
             for upsampler in block.upsamplers:
                 x = upsample(upsampler, x)
         # 3. out norm, SiLU, conv to RGB               [B, 3, T', 8h, 8w]
-        return self._norm_silu_conv(decoder.norm_out, decoder.conv_out, x, z, first)
+        return self._norm_silu_conv(decoder.norm_out, decoder.conv_out, x, z, first, stats)
 
-    def _resnet(self, resnet: ResnetBlock3D, x: Tensor, z: Tensor, first: bool) -> Tensor:
-        h = self._norm_silu_conv(resnet.norm1, resnet.conv1, x, z, first)
+    def _resnet(self, resnet: ResnetBlock3D, x: Tensor, z: Tensor, first: bool, stats: Stats | None,
+                to_norm: bool) -> tuple[Tensor, Stats | None]:  # fmt: skip
+        """(h + shortcut(x), and with `to_norm` the next norm's statistics of it); `stats`: those of x, if known."""
+        h = self._norm_silu_conv(resnet.norm1, resnet.conv1, x, z, first, stats)
         h = self._norm_silu_conv(resnet.norm2, resnet.conv2, h, z, first)
         if resnet.conv_shortcut is not None:
             x = channels_last(resnet.conv_shortcut(x))
-        return h.add_(x)
+        if not to_norm:
+            return h.add_(x), None
+        # every norm of the decoder has the config's groups and eps (SpatialNorm3D, NORM_EPS)
+        return h, group_norm_stats(h, self.config.norm_num_groups, NORM_EPS, residual=x)
 
-    def _norm_silu_conv(self, norm: SpatialNorm3D, conv: CausalConv3d, x: Tensor, z: Tensor, first: bool) -> Tensor:
+    def _norm_silu_conv(self, norm: SpatialNorm3D, conv: CausalConv3d, x: Tensor, z: Tensor, first: bool,
+                        stats: Stats | None = None) -> Tensor:  # fmt: skip
         """conv(silu(norm(x, z))): the norm writes the padded input's frames and this conv's next past frames."""
         tp = conv.time_pad
         padded = conv.padded_input(x)  # NDHWC as x
@@ -211,7 +222,7 @@ class FastVAEDecoder:
         layer = norm.norm_layer
         tail = past if x.shape[2] >= tp else None  # a lone image chunk has no next chunk
         spatial_norm_silu(x, scale, shift, layer.weight, layer.bias, layer.num_groups, layer.eps,
-                          out=padded[:, :, tp:], tail=tail)  # fmt: skip
+                          out=padded[:, :, tp:], tail=tail, stats=stats)  # fmt: skip
         if first:
             padded[:, :, :tp] = _first_frame_copies(padded, tp)
         return channels_last(conv.conv(padded))

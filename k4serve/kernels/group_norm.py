@@ -77,8 +77,9 @@ def _chunk_moments_kernel(x_ptr, mean_ptr, m2_ptr, group_numel, CHUNK: tl.conste
 
 
 @triton.jit
-def _channels_last_moments_kernel(x_ptr, mean_ptr, m2_ptr, C, pixels, chunk_pixels, x_batch_stride,
-                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+def _channels_last_moments_kernel(x_ptr, residual_ptr, mean_ptr, m2_ptr, C, pixels, chunk_pixels, x_batch_stride,
+                                  residual_batch_stride, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                                  RESIDUAL: tl.constexpr):  # fmt: skip
     chunk = tl.program_id(0)  # of pixels (t, h, w); axis 0 has no 65535 limit
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
@@ -86,15 +87,28 @@ def _channels_last_moments_kernel(x_ptr, mean_ptr, m2_ptr, C, pixels, chunk_pixe
     start = chunk * chunk_pixels
     count = tl.minimum(pixels - start, chunk_pixels)
     base = x_ptr + b.to(tl.int64) * x_batch_stride
+    residual_base = residual_ptr + b.to(tl.int64) * residual_batch_stride
     # per channel, sums shifted by the chunk's first pixel (as NCDHW's per-group chunk)
-    pivot = tl.load(base + start.to(tl.int64) * C + channels, mask=cmask, other=0.0).to(tl.float32)
+    pivot_offsets = start.to(tl.int64) * C + channels
+    pivot = tl.load(base + pivot_offsets, mask=cmask, other=0.0)
+    if RESIDUAL:  # x + residual rounded to x's dtype, as torch's add_ rounds it
+        pivot = (pivot.to(tl.float32) + tl.load(residual_base + pivot_offsets, mask=cmask).to(tl.float32)).to(
+            x_ptr.dtype.element_ty
+        )
+    pivot = pivot.to(tl.float32)
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for offset in range(0, chunk_pixels, BLOCK_P):
         p = offset + tl.arange(0, BLOCK_P)
         mask = (p < count)[:, None] & cmask[None, :]
-        ptrs = base + (start + p).to(tl.int64)[:, None] * C + channels[None, :]
-        d = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
+        offsets = (start + p).to(tl.int64)[:, None] * C + channels[None, :]
+        x = tl.load(base + offsets, mask=mask, other=0.0)
+        if RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(residual_base + offsets, mask=mask, other=0.0).to(tl.float32)).to(
+                x_ptr.dtype.element_ty
+            )
+            tl.store(base + offsets, x, mask=mask)
+        d = tl.where(mask, x.to(tl.float32) - pivot[None, :], 0.0)
         s1 += d
         s2 += d * d
     t1 = tl.sum(s1, 0)
@@ -133,12 +147,17 @@ def _merge_moments_kernel(mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, partials
     tl.store(out_rstd_ptr + row, (1.0 / tl.sqrt(var + eps)).to(tl.float32))
 
 
-def group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+def group_norm_stats(x: Tensor, groups: int, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [B, C, ...] contiguous, or [B, C, T, H, W] channels-last -> (mean, rstd) [B * groups] in fp32, biased
-    variance as nn.GroupNorm."""
+    variance as nn.GroupNorm. `residual` (channels-last, like x): first x += residual in place (rounded to x's
+    dtype as torch's add_), then the statistics of the sum, in the same pass (a resnet's output and the next norm)."""
     b, c = x.shape[:2]
     if c % groups:
         raise ValueError(f"x [B, C, ...] needs C divisible by {groups}; got {tuple(x.shape)}")
+    if residual is not None and (
+        not is_channels_last(x) or residual.shape != x.shape or residual.stride() != x.stride()
+    ):  # fmt: skip
+        raise ValueError(f"residual {tuple(residual.shape)} must be channels-last like x {tuple(x.shape)}")
     if is_channels_last(x):
         pixels = x[0, 0].numel()
         block_p, block_c = channel_tile(c)
@@ -150,8 +169,9 @@ def group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
         m2s = torch.empty_like(means)
         with on_device(x.device):
             _channels_last_moments_kernel[(series, channel_blocks, b)](
-                x, means, m2s, c, pixels, full, x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4
-            )
+                x, x if residual is None else residual, means, m2s, c, pixels, full, x.stride(0),
+                x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c, RESIDUAL=residual is not None, num_warps=4,
+            )  # fmt: skip
         last = pixels - full * (series - 1)
     elif x.is_contiguous():
         group_numel = x.numel() // (b * groups)
@@ -271,12 +291,14 @@ def _check_frame_slice(name: str, buffer: Tensor, x: Tensor, frames: int) -> Non
 
 
 def spatial_norm_silu(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, groups: int,
-                      eps: float, out: Tensor | None = None, tail: Tensor | None = None) -> Tensor:  # fmt: skip
+                      eps: float, out: Tensor | None = None, tail: Tensor | None = None,
+                      stats: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     """silu((GroupNorm(x) · weight + bias) · up(scale) + up(shift)) -> `out` (or a new tensor) [B, C, T, H, W].
 
     x [B, C, T, H, W] contiguous or channels-last; scale, shift [B, C, t, h, w] with H, W multiples of h, w;
     `out` may be a frame slice of a larger buffer in x's layout (a conv's time-padded input). `tail`
-    (channels-last only): a [B, C, k, H, W] buffer that also receives the last k output frames.
+    (channels-last only): a [B, C, k, H, W] buffer that also receives the last k output frames. `stats`: x's
+    (mean, rstd) from `group_norm_stats(x, groups, eps)` when they are already computed.
     """
     b, c, t, h, w = x.shape
     t_lat, h_lat, w_lat = scale.shape[2:]
@@ -291,7 +313,9 @@ def spatial_norm_silu(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, b
         raise ValueError(f"scale and shift {tuple(scale.shape)} must be [B, C, t, h, w] dividing x {tuple(x.shape)}")
     lone_first, frame_factor = time_upsampling(t, t_lat)
     latent_grid = (t_lat, h_lat, w_lat, frame_factor, lone_first, h // h_lat, w // w_lat)
-    mean, rstd = group_norm_stats(x, groups, eps)
+    mean, rstd = group_norm_stats(x, groups, eps) if stats is None else stats
+    if mean.shape != (b * groups,) or rstd.shape != mean.shape:
+        raise ValueError(f"stats must be (mean, rstd) of {b} x {groups} groups, got {tuple(mean.shape)}")
     with on_device(x.device):
         if channels_last:
             block_p, block_c = channel_tile(c)
