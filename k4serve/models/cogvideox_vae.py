@@ -134,9 +134,9 @@ def cells(x: Tensor) -> Tensor:
 def empty_in_layout(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     """An empty tensor of `shape` in x's memory layout: NCDHW, or NDHWC (channels_last_3d) as the fast decoder
     runs this module's pieces."""
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    return x.new_empty(shape)
 
 
 class CausalConv3d(nn.Module):
