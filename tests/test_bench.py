@@ -24,7 +24,8 @@ def bench(url: str, tmp_path, *extra: str) -> tuple[int, dict]:
 @pytest.mark.server
 @pytest.mark.parametrize("model", ["t2v", "t2v_stream"])
 def test_bench_measures_each_concurrency_through_the_server(triton_server, tmp_path, model):
-    code, report = bench(triton_server.grpc_url, tmp_path, "--model", model, "--concurrency", "1,2", "--requests", "2")
+    levels = ("--concurrency", "1,2", "--requests", "2", "--warmup", "0")  # warm-up: the refused-request test
+    code, report = bench(triton_server.grpc_url, tmp_path, "--model", model, *levels)
     assert code == 0 and report["model"] == model and report["warmup_errors"] == {}
     assert [level["concurrency"] for level in report["levels"]] == [1, 2]
     for level in report["levels"]:
