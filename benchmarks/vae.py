@@ -1,11 +1,19 @@
-"""CogVideoX VAE decode on one GPU: torch norms vs the fused Triton GroupNorm + modulation + SiLU kernel.
+"""CogVideoX VAE decode on one GPU: eager, the fused Triton norms, the channels-last engine without and with graphs.
 
     python benchmarks/vae.py --seconds 12 --size 384x672
 
-The full-size decoder (CogVideoX-5b's shape, random weights) decodes the latents of one video in bf16 with each
-norm path; the float32 torch decode of the same latents is the reference both are measured against (relative
-error of the video, and how many uint8 frame values differ from the reference's). Medians of `--repeat` runs
-after a warm-up; the table is printed and appended to benchmarks/RESULTS.md.
+The full-size decoder (CogVideoX-5b's shape, random weights) decodes the latents of one video in bf16 on each path:
+  eager            the reference module, torch norms (the official decoder's class of kernels)
+  triton-norms     the reference module, its norms through the fused NCDHW Triton kernel (yesterday's `fast`)
+  channels-last    k4serve.engines.vae.FastVAEDecoder without CUDA graphs (NDHWC convs and norms, no input copies)
+  channels-last+graphs               the same with one CUDA graph per chunk shape (today's `fast` engine)
+  channels-last+graphs+cudnn-bench   and cuDNN timing its conv algorithms once per shape
+The float32 decode of the same latents (TF32 off) is the reference every path is measured against: relative error
+of the video, and the share of uint8 frame values that differ from the reference's. Medians of `--repeat` decodes
+after a warm-up (graph capture included there, timed apart as "first s"); peak memory allocated during the timed
+decodes and the most reserved by the path (a CUDA graph's memory pool is reserved, not allocated, between replays);
+both include the weights and the float32 reference video (0.3 GiB).
+Each path runs in try/except; the table is printed last and appended to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -13,13 +21,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 
 import torch
 from results import append_table
 
 from k4serve.cli_options import parse_size
+from k4serve.engines.vae import FastVAEDecoder
 from k4serve.models.cogvideox_vae import build_cogvideox_decoder
 from k4serve.pipelines.t2v import latent_shape
+
+# name -> how to make the decoder object of that path from the bf16 module (eager paths first: the engine turns the
+# module's conv weights channels-last in place)
+PATHS = {
+    "eager": lambda module: module,
+    "triton-norms": lambda module: module,
+    "channels-last": lambda module: FastVAEDecoder(module, cuda_graphs=False),
+    "channels-last+graphs": lambda module: FastVAEDecoder(module),
+    "channels-last+graphs+cudnn-bench": lambda module: FastVAEDecoder(module, cudnn_benchmark=True),
+}
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -27,10 +47,13 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
     return (255.0 * ((video.float() + 1.0) / 2.0).clip(0.0, 1.0)).to(torch.uint8)
 
 
-def time_decode(decoder, z: torch.Tensor, repeat: int) -> tuple[torch.Tensor, float, float]:
-    """(video, median seconds, peak GiB) of decoder.decode(z)."""
-    decoder.decode(z)  # warm-up: cuDNN heuristics, Triton compilation
+def time_decode(decoder, z: torch.Tensor, repeat: int) -> dict:
+    """The video, first-call seconds, median seconds and memory of decoder.decode(z)."""
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    decoder.decode(z)  # warm-up: cuDNN heuristics, Triton compilation, graph capture
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeat):
@@ -38,7 +61,13 @@ def time_decode(decoder, z: torch.Tensor, repeat: int) -> tuple[torch.Tensor, fl
         video = decoder.decode(z)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return video, statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return {
+        "video": video,
+        "first": first,
+        "seconds": statistics.median(times),
+        "allocated": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved": torch.cuda.max_memory_reserved() / 2**30,
+    }
 
 
 def main() -> None:
@@ -46,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=12)
     parser.add_argument("--size", type=parse_size, default=(384, 672))
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     height, width = args.size
@@ -53,34 +83,51 @@ def main() -> None:
     z = torch.randn(1, c, t, h, w, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
     with torch.no_grad():
-        decoder, _ = build_cogvideox_decoder("cogvideox-5b", "cuda", torch.float32, seed=0)
+        module, _ = build_cogvideox_decoder("cogvideox-5b", "cuda", torch.float32, seed=0)
         torch.backends.cudnn.allow_tf32 = False  # a true float32 reference (cuDNN convs default to TF32)
-        reference = decoder.decode(z)
+        reference = module.decode(z)
         torch.backends.cudnn.allow_tf32 = True
         reference_frames = to_uint8(reference)
-        decoder = decoder.to(torch.bfloat16)
+        module = module.to(torch.bfloat16)
         rows = []
-        for norms in ("torch", "triton"):
-            decoder.use_triton_norms(norms == "triton")
-            video, seconds, peak = time_decode(decoder, z.to(torch.bfloat16), args.repeat)
-            error = ((video.double() - reference.double()).norm() / reference.double().norm()).item()
-            differing = (to_uint8(video) != reference_frames).double().mean().item()
-            rows.append((norms, seconds, peak, error, differing))
-            del video
+        for name in [p for p in PATHS if p in args.paths]:  # in PATHS' order whatever the command line's
+            try:
+                module.use_triton_norms(name == "triton-norms")
+                torch.cuda.empty_cache()  # the previous path's graph pool and conv state
+                decoder = PATHS[name](module)
+                r = time_decode(decoder, z.to(torch.bfloat16), args.repeat)
+                video = r.pop("video")
+                r["error"] = ((video.double() - reference.double()).norm() / reference.double().norm()).item()
+                r["differing"] = (to_uint8(video) != reference_frames).double().mean().item()
+                rows.append((name, r))
+                del video, decoder
+            except Exception:  # one failing path must not stop the others
+                traceback.print_exc()
+                rows.append((name, None))
+        module.use_triton_norms(False)
 
     frames = reference.shape[2]
+    base = next((r["seconds"] for name, r in rows if name == "eager" and r), None)
     header = (
-        "| norms (bf16) | decode s | × torch | peak GiB | rel. error vs fp32 | uint8 values ≠ fp32's |\n"
-        "|---|---|---|---|---|---|"
+        "| path (bf16) | decode s | × eager | first s | peak alloc GiB | reserved GiB | rel. error vs fp32 "
+        "| uint8 values ≠ fp32's |\n|---|---|---|---|---|---|---|---|"
     )
-    lines = [
-        f"| {norms} | {seconds:.3f} | {rows[0][1] / seconds:.2f} | {peak:.1f} | {error:.2e} | {differing:.2%} |"
-        for norms, seconds, peak, error, differing in rows
-    ]
+    lines = []
+    for name, r in rows:
+        if r is None:
+            lines.append(f"| {name} | failed (traceback above) | | | | | | |")
+            continue
+        speedup = f"{base / r['seconds']:.2f}" if base else "—"
+        lines.append(
+            f"| {name} | {r['seconds']:.3f} | {speedup} | {r['first']:.1f} | {r['allocated']:.1f} | "
+            f"{r['reserved']:.1f} | {r['error']:.2e} | {r['differing']:.2%} |"
+        )
     table = "\n".join([header, *lines])
     print(table)
     if not args.no_write:
         command = f"python benchmarks/vae.py --seconds {args.seconds} --size {height}x{width} --repeat {args.repeat}"
+        if args.paths != list(PATHS):
+            command += " --paths " + " ".join(args.paths)
         title = f"CogVideoX VAE decode, {args.seconds} s {height}x{width} ({frames} frames), random weights"
         append_table(title, command, f"median of {args.repeat} after a warm-up", table)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from k4serve.client.bench import add_bench_arguments
 from k4serve.client.cli import add_request_arguments
 from k4serve.export.cli import add_export_arguments
 from k4serve.pipelines.cli import add_generate_arguments
@@ -20,11 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(commands.add_parser("serve", help="run tritonserver on the model repository"))
     add_request_arguments(commands.add_parser("request", help="send a prompt to a running server"))
     add_export_arguments(commands.add_parser("export", help="build engines: onnx, tensorrt, aoti"))
+    add_bench_arguments(commands.add_parser("bench", help="load-test a running server: throughput and latency"))
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch to the subcommand's module (imported only now: serve and request need the serve extra)."""
+    """Dispatch to the subcommand's module (imported only now: serve, request and bench need the serve extra)."""
     if args.command == "generate":
         from k4serve.pipelines.cli import run_generate
 
@@ -37,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         from k4serve.export.cli import run_export
 
         return run_export(args)
+    if args.command == "bench":
+        from k4serve.client.bench import run_bench
+
+        return run_bench(args)
     from k4serve.client.cli import run_request
 
     return run_request(args)
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RequestError, OSError, ValueError) as error:  # CheckpointError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except ImportError as error:  # only serve / request / export import optional packages
+    except ImportError as error:  # only serve / request / bench / export import optional packages
         if args.command == "export":
             print(f"error: {error}: `k4serve export` needs the export extra: pip install 'k4serve[export]'",
                   file=sys.stderr)  # fmt: skip

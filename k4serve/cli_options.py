@@ -11,6 +11,7 @@ import argparse
 from k4serve.engines.base import ENGINES
 from k4serve.engines.options import ATTENTION, LINEAR, describe_attention, describe_linear, option_help
 from k4serve.pipelines.t2v import PIPELINE_PRESETS, SUPPORTED_SIZES
+from k4serve.pipelines.video_io import MP4_PRESETS
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -39,9 +40,10 @@ def add_model_arguments(
     engine: str | None = None,
     attention: str | None = None,
     linear: str | None = None,
+    mp4_preset: str | None = None,
 ) -> None:
-    """--preset --weights --engine --engine-dir --attention --linear, shared by `generate` and `serve` (None: not
-    set here)."""
+    """--preset --weights --engine --engine-dir --attention --linear --mp4-preset, shared by `generate` and `serve`
+    (None: not set here)."""
     parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=preset)
     parser.add_argument("--weights", default=None, help="official weights directory (README: Official weights)")
     parser.add_argument("--engine", choices=ENGINES, default=engine)
@@ -54,3 +56,6 @@ def add_model_arguments(
     linear_help = "--engine fast's linear layers (x0: the 4-step sample vs bf16 eager). "
     parser.add_argument("--linear", choices=LINEAR, default=linear, metavar="NAME",
                         help=linear_help + option_help(LINEAR, describe_linear))  # fmt: skip
+    encodings = "; ".join(f"{name}: x264 {s.preset} crf {s.crf}" for name, s in MP4_PRESETS.items())
+    parser.add_argument("--mp4-preset", choices=sorted(MP4_PRESETS), default=mp4_preset,
+                        help=f"H.264 settings ({encodings}; official is the official writer's)")  # fmt: skip

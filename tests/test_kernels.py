@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from k4serve.kernels import group_norm
 from k4serve.kernels.attention import (
     CANDIDATES,
     AttentionConfig,
@@ -272,34 +273,94 @@ def test_fp8_linear_against_dequantized_and_exact_products():
 
 # ---- VAE GroupNorm + spatial modulation + SiLU (group_norm.py) ----
 
+CHANNELS_LAST = torch.channels_last_3d
+LAYOUTS = ("contiguous", "channels-last")  # NCDHW (the eager decoder) and NDHWC (the fast decoder)
+# fp32 and fp16 in the interpreter; bf16 on the GPU. Only the output rounding separates them from float64.
+NORM_DTYPES = [(torch.bfloat16, 4e-3)] if CUDA else [(torch.float32, 1e-6), (torch.float16, 1e-3)]
 
-def test_group_norm_stats_keep_the_variance_of_large_mean_features():
-    # mean 50, std 0.1: fp32 E[x²] - E[x]² would lose ~3 % of the variance; 3 chunks per group, the last partial
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=CHANNELS_LAST if layout == "channels-last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_group_norm_stats_keep_the_variance_of_large_mean_features(layout, monkeypatch):
+    # mean 50, std 0.1: fp32 E[x²] - E[x]² would lose ~3 % of the variance; several chunks per group, the last
+    # partial. Channels-last: 10 channels per group (not a power of two), 320 channels in two channel tiles, and
+    # few programs, so that each chunk spans several tiles as on the GPU's large tensors.
+    monkeypatch.setattr(group_norm, "STATS_PROGRAMS", 8)
     g = torch.Generator().manual_seed(15)
-    x = (50.0 + 0.1 * torch.randn(2, 8, 3, 40, 70, generator=g)).to(DEVICE)
-    mean, rstd = group_norm_stats(x, groups=4, eps=1e-6)
-    groups = x.double().reshape(2 * 4, -1)
-    want_var = groups.var(1, unbiased=False)
-    torch.testing.assert_close(mean.double(), groups.mean(1), rtol=1e-6, atol=0)
+    channels, hw = (8, (40, 70)) if layout == "contiguous" else (320, (10, 14))
+    x = in_layout((50.0 + 0.1 * torch.randn(2, channels, 3, *hw, generator=g)).to(DEVICE), layout)
+    groups = 4 if layout == "contiguous" else 32
+    mean, rstd = group_norm_stats(x, groups=groups, eps=1e-6)
+    rows = x.double().reshape(2 * groups, -1)
+    want_var = rows.var(1, unbiased=False)
+    torch.testing.assert_close(mean.double(), rows.mean(1), rtol=1e-6, atol=0)
     torch.testing.assert_close(rstd.double(), (want_var + 1e-6).rsqrt(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [dtype for dtype, _ in NORM_DTYPES])
+def test_residual_is_added_in_the_statistics_pass(dtype):
+    # a resnet's h += shortcut(x) fused with the next norm's statistics: the sum as torch's add_ rounds it
+    g = torch.Generator().manual_seed(18)
+    h, x = (in_layout((torch.randn(2, 64, 3, 8, 12, generator=g) + 4).to(DEVICE, dtype), "channels-last") for _ in "hx")
+    expected_sum = h.clone().add_(x)
+    mean, rstd = group_norm_stats(h, groups=32, eps=1e-6, residual=x)
+    assert torch.equal(h, expected_sum)
+    rows = expected_sum.double().reshape(2 * 32, -1)
+    torch.testing.assert_close(mean.double(), rows.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (rows.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4, atol=0)
+    scale = torch.ones(2, 64, 3, 4, 6, device=DEVICE, dtype=dtype)
+    weight, bias = torch.ones(64, device=DEVICE, dtype=dtype), torch.zeros(64, device=DEVICE, dtype=dtype)
+    with pytest.raises(ValueError, match="stats must be"):
+        spatial_norm_silu(h, scale, scale, weight, bias, groups=32, eps=1e-6, stats=(mean[:4], rstd[:4]))
+    with pytest.raises(ValueError, match="residual .* must be channels-last like x"):
+        group_norm_stats(h, groups=32, eps=1e-6, residual=x.contiguous())
 
 
 # (frames, latent frames, spatial factor): odd with its lone first frame, even, the mid block's 1:1, an image
 # cuda:1: the VAE on GPU 1 while GPU 0 stays current; the kernels must launch on their tensors' GPU
 @pytest.mark.parametrize("device", [DEVICE, pytest.param("cuda:1", marks=two_gpus)])
 @pytest.mark.parametrize("t, t_lat, up", [(9, 3, 2), (8, 2, 2), (3, 3, 1), (1, 1, 2)])
-def test_spatial_norm_silu_into_a_padded_buffer_matches_float64(t, t_lat, up, device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, tolerance", NORM_DTYPES)
+def test_spatial_norm_silu_into_a_padded_buffer_matches_float64(t, t_lat, up, device, layout, dtype, tolerance):
     g = torch.Generator().manual_seed(16)
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    x = (torch.randn(2, 8, t, 4 * up, 6 * up, generator=g) * 3 + 1).to(device, dtype)
+    x = in_layout((torch.randn(2, 8, t, 4 * up, 6 * up, generator=g) * 3 + 1).to(device, dtype), layout)
     scale, shift = (torch.randn(2, 8, t_lat, 4, 6, generator=g).to(device, dtype) for _ in range(2))
     weight, bias = (torch.randn(8, generator=g).to(device, dtype) for _ in range(2))
-    padded = torch.full((2, 8, 2 + t, 4 * up, 6 * up), float("nan"), device=device, dtype=dtype)
+    padded = in_layout(torch.full((2, 8, 2 + t, 4 * up, 6 * up), float("nan"), device=device, dtype=dtype), layout)
     out = spatial_norm_silu(x, scale, shift, weight, bias, groups=4, eps=1e-6, out=padded[:, :, 2:])
     assert out.data_ptr() == padded[:, :, 2:].data_ptr()
     assert padded[:, :, :2].isnan().all()  # the conv's past frames are left to it
     want = spatial_norm_silu_reference(x, scale, shift, weight, bias, groups=4, eps=1e-6)
-    assert rel_error(out, want) < (4e-3 if CUDA else 1e-6)
+    assert rel_error(out, want) < tolerance
+
+
+@pytest.mark.parametrize("dtype, tolerance", NORM_DTYPES)
+def test_channels_last_tail_gets_the_last_frames_and_wide_channels_tile(dtype, tolerance):
+    # 320 channels: two channel tiles, the second masked; groups of 10; the tail is a conv's carried past frames
+    g = torch.Generator().manual_seed(17)
+    x = in_layout((torch.randn(1, 320, 5, 4, 6, generator=g) * 2 - 1).to(DEVICE, dtype), "channels-last")
+    scale, shift = (torch.randn(1, 320, 2, 2, 3, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight, bias = (torch.randn(320, generator=g).to(DEVICE, dtype) for _ in range(2))
+    tail = in_layout(torch.full((1, 320, 2, 4, 6), float("nan"), device=DEVICE, dtype=dtype), "channels-last")
+    out = spatial_norm_silu(x, scale, shift, weight, bias, groups=32, eps=1e-6, tail=tail)
+    assert out.is_contiguous(memory_format=CHANNELS_LAST)
+    assert torch.equal(tail, out[:, :, -2:])
+    want = spatial_norm_silu_reference(x, scale, shift, weight, bias, groups=32, eps=1e-6)
+    assert rel_error(out, want) < tolerance
+
+
+def test_spatial_norm_silu_refuses_a_buffer_in_the_other_layout():
+    x = in_layout(torch.randn(1, 8, 3, 4, 6, device=DEVICE), "channels-last")
+    scale = torch.randn(1, 8, 3, 4, 6, device=DEVICE)
+    ones, zeros = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="out must be a frame slice .* of a channels-last buffer"):
+        spatial_norm_silu(x, scale, scale, ones, zeros, 4, 1e-6, out=torch.empty(1, 8, 3, 4, 6, device=DEVICE))
+    with pytest.raises(ValueError, match="tail is for channels-last x"):
+        spatial_norm_silu(x.contiguous(), scale, scale, ones, zeros, 4, 1e-6, tail=torch.empty_like(x[:, :, :2]))
 
 
 def test_spatial_norm_silu_refuses_a_grid_it_cannot_upsample():

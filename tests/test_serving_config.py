@@ -63,12 +63,14 @@ def read_config_parameters(model: str) -> dict:
 @pytest.mark.parametrize("model", GPU_STAGES)
 def test_configs_default_to_the_tiny_preset_and_env_overrides(model):
     config = read_config_parameters(model)
+    encodes = {"mp4_preset": "fast"} if model == "t2v_stream" else {}  # the stage that writes the mp4 itself
     assert pipeline_options(config, environ={}) == {
         "preset": "tiny",
         "weights": None,
         "engine": "eager",
         "attention": "auto",
         "linear": "auto",
+        **encodes,
     }
     env = {"K4SERVE_PRESET": "flash-512", "K4SERVE_WEIGHTS": "/weights", "K4SERVE_LINEAR": "fp8"}
     options = pipeline_options(config, environ=env)
@@ -124,11 +126,14 @@ def test_parse_gpus():
 def test_serve_flags_become_k4serve_environment(tmp_path):
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    args = parser.parse_args(["--preset", "flash-512", "--weights", str(tmp_path), "--linear", "fp8"])
+    args = parser.parse_args(
+        ["--preset", "flash-512", "--weights", str(tmp_path), "--linear", "fp8", "--mp4-preset", "official"]
+    )
     assert stage_env(args) == {
         "K4SERVE_PRESET": "flash-512",
         "K4SERVE_WEIGHTS": str(tmp_path.resolve()),
         "K4SERVE_LINEAR": "fp8",
+        "K4SERVE_MP4_PRESET": "official",
     }
     assert stage_env(parser.parse_args([])) == {}
 

@@ -24,13 +24,16 @@ from k4serve.pipelines.media import (
 )
 from k4serve.pipelines.t2v import RequestError
 from k4serve.pipelines.video_io import (
+    DEFAULT_MP4_PRESET,
     FPS,
+    MP4_PRESETS,
     SAMPLE_RATE,
     Mp4Encoder,
     decode_mp4,
     encode_mp4,
     encode_png,
     fit_audio_to_video,
+    mp4_settings,
     retimed_fps,
     write_wav,
 )
@@ -52,6 +55,29 @@ def test_chunks_fed_while_encoding_give_the_one_shot_video():
     np.testing.assert_array_equal(decoded, decode_mp4(encode_mp4(frames))[0])
     mse = ((decoded.astype(float) - frames) ** 2).mean()
     assert 10 * np.log10(255**2 / mse) > 35  # crf 5: near-lossless, bar the 4:2:0 chroma
+
+
+def x264_options(mp4: bytes) -> str:
+    """The encoder settings x264 writes into its stream (an SEI message: 'options: cabac=1 ref=3 ...')."""
+    return re.search(rb"x264 - core .*? options: ([ -~]*)", mp4).group(1).decode()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255**2 / ((a.astype(float) - b) ** 2).mean())
+
+
+def test_official_preset_is_x264_medium_crf_5_and_the_default_keeps_its_psnr():
+    frames = (moving_gradient(9) + np.random.default_rng(0).integers(0, 8, (9, 64, 96, 3))).astype(np.uint8)
+    official = encode_mp4(frames, x264=mp4_settings("official"))
+    default = encode_mp4(frames)
+    # x264's medium preset: CABAC, 3 refs, hex search, subme 7, 3 B-frames (the official writer's defaults)
+    assert re.search(r"cabac=1 ref=3 .* me=hex subme=7 .* bframes=3 .* crf=5\.0", x264_options(official))
+    preset = MP4_PRESETS[DEFAULT_MP4_PRESET]
+    assert f"crf={preset.crf}.0" in x264_options(default) and x264_options(default) != x264_options(official)
+    loss = psnr(decode_mp4(official)[0], frames) - psnr(decode_mp4(default)[0], frames)
+    assert loss < 0.5  # dB: the rule the default was chosen by (benchmarks/encode.py)
+    with pytest.raises(ValueError, match=r"unknown mp4 preset 'slow'; choose one of \['fast', 'official'\]"):
+        mp4_settings("slow")
 
 
 def test_close_before_finish_stops_ffmpeg_and_removes_its_files():

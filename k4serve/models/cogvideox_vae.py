@@ -131,6 +131,14 @@ def cells(x: Tensor) -> Tensor:
     return x[:, :, :, None, :, None, :, None]
 
 
+def empty_in_layout(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An empty tensor of `shape` in x's memory layout: NCDHW, or NDHWC (channels_last_3d) as the fast decoder
+    runs this module's pieces."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    return x.new_empty(shape)
+
+
 class CausalConv3d(nn.Module):
     """Conv3d causal in time (past: last chunk's frames or first-frame copies), zero-padded in space."""
 
@@ -151,7 +159,7 @@ class CausalConv3d(nn.Module):
     def padded_input(self, x: Tensor) -> Tensor:
         """An empty [B, C, time_pad + T, H, W] buffer for x: the caller writes x after the first time_pad frames."""
         b, c, t, h, w = x.shape
-        return x.new_empty(b, c, self.time_pad + t, h, w)
+        return empty_in_layout(x, (b, c, self.time_pad + t, h, w))
 
     def forward_padded(self, padded: Tensor, cache: ConvCache | None = None) -> Tensor:
         """Fill the past frames of a `padded_input` whose input frames are written, then convolve."""
@@ -224,7 +232,7 @@ class Upsample3D(nn.Module):
         """x [B, C, T, H, W] -> [B, C, T', 2H, 2W], T' = 2T - T % 2 with compress_time, else T."""
         b, c, t, h, w = x.shape
         levels = int(self.compress_time)
-        out = x.new_empty(b, c, decoded_frames(t, levels), 2 * h, 2 * w)
+        out = empty_in_layout(x, (b, c, decoded_frames(t, levels), 2 * h, 2 * w))
         # Each segment is written in place (no pieces to concatenate); input frames [0, f) fill output
         # frames [0, decoded_frames(f)), as the count rule holds for every prefix of the segments.
         for seg in time_segments(t):

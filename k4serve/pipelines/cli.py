@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from k4serve.cli_options import add_model_arguments, parse_device, parse_size
 from k4serve.pipelines.t2v import MAX_SEED
+from k4serve.pipelines.video_io import DEFAULT_MP4_PRESET
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH, e.g. 384x672")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (random if absent; printed)")
     parser.add_argument("--device", type=parse_device, default="cpu", help="cuda, cpu, or a per-component map")
-    add_model_arguments(parser, preset="tiny", engine="eager", attention="auto", linear="auto")
+    add_model_arguments(parser, preset="tiny", engine="eager", attention="auto", linear="auto",
+                        mp4_preset=DEFAULT_MP4_PRESET)  # fmt: skip
 
 
 def progress_bars() -> Callable[[str, int, int], None]:
@@ -53,6 +55,7 @@ def run_generate(args: argparse.Namespace) -> int:
         engine_dir=args.engine_dir,
         attention=args.attention,
         linear=args.linear,
+        mp4_preset=args.mp4_preset,
     )
     started = time.perf_counter()
     pipeline = T2VPipeline.from_settings(settings)

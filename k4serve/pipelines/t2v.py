@@ -21,7 +21,7 @@ from k4serve.models.cogvideox_vae import build_cogvideox_decoder, latent_chunks,
 from k4serve.models.dit import DiffusionTransformer3D, build_dit
 from k4serve.models.schedulers import FlashSampler, ScheduleConfig
 from k4serve.models.t5 import T5TextEncoder
-from k4serve.pipelines.video_io import Mp4Encoder, encode_png
+from k4serve.pipelines.video_io import DEFAULT_MP4_PRESET, Mp4Encoder, encode_png, mp4_settings
 
 SUPPORTED_SIZES: tuple[tuple[int, int], ...] = (
     (512, 512), (352, 736), (736, 352), (384, 672), (672, 384), (480, 544), (544, 480),
@@ -89,10 +89,11 @@ class PipelineSettings:
     preset: str = "tiny"
     weights: str | None = None
     device: str | dict[str, str] = "cpu"
-    engine: str = "eager"  # eager | fast (fused kernels: the DiT's with CUDA graphs, the VAE's norms) | exported:
+    engine: str = "eager"  # eager | fast (fused kernels + CUDA graphs: the DiT, the channels-last VAE) | exported:
     engine_dir: str | None = None  # aoti | tensorrt | onnxruntime run the engines `k4serve export` wrote here
     attention: str = "auto"  # fast engine: k4serve.engines.options.ATTENTION (auto: the bf16-level default)
     linear: str = "auto"  # fast engine: k4serve.engines.options.LINEAR
+    mp4_preset: str = DEFAULT_MP4_PRESET  # H.264 settings (video_io.MP4_PRESETS): fast | official
     seed: int = 0  # random-weight seed when no weights are given
     extra: dict = field(default_factory=dict)
 
@@ -136,8 +137,14 @@ class T2VPipeline:
         self.devices = settings.device_map()
         self.sampler = FlashSampler(self._schedule_config())
         self.denoiser = self._make_denoiser()
+        self.x264 = mp4_settings(settings.mp4_preset)
+        # What decodes the latents: the reference module, or with the fast engine on a GPU the channels-last,
+        # CUDA-graphed engine over its weights (on the CPU its norms' interpreter would take minutes per video).
+        self.vae_decoder = vae
         if vae is not None and settings.engine == "fast" and torch.device(self.devices["vae"]).type == "cuda":
-            vae.use_triton_norms()  # on the CPU the interpreter would take minutes per video
+            from k4serve.engines.vae import FastVAEDecoder
+
+            self.vae_decoder = FastVAEDecoder(vae)
 
     def _schedule_config(self) -> ScheduleConfig:
         if self.settings.weights is not None:
@@ -152,6 +159,7 @@ class T2VPipeline:
         random. A serving stage builds only its own component; the others stay None."""
         if settings.preset not in PIPELINE_PRESETS:
             raise ValueError(f"unknown preset {settings.preset!r}; choose one of {sorted(PIPELINE_PRESETS)}")
+        mp4_settings(settings.mp4_preset)  # a wrong name fails before any weights load
         if settings.engine in EXPORTED_ENGINES:
             from k4serve.pipelines.exported import exported_components
 
@@ -252,10 +260,10 @@ class T2VPipeline:
         device, dtype = torch.device(self.devices["vae"]), run_dtype(self.devices["vae"])
         z = latents.to(device=device, dtype=dtype)
         z = (1.0 / self.vae_config.scaling_factor) * z  # in the VAE dtype, in the official order
-        for video in self.vae.decode_chunks(z.permute(3, 0, 1, 2)[None]):
+        for video in self.vae_decoder.decode_chunks(z.permute(3, 0, 1, 2)[None]):
             video = torch.clip((video[0].float() + 1.0) / 2.0, 0.0, 1.0)  # [3, F_i, H, W]
             # 255 * x truncated toward zero: the official writer's float -> uint8 cast (on the device: 4x less
-            # to copy, and the same float32 product).
+            # to copy, and the same float32 product). The fast decoder's NDHWC output needs no transpose here.
             yield (255.0 * video).to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
     def decode(self, latents: Tensor) -> np.ndarray:
@@ -269,7 +277,7 @@ class T2VPipeline:
             return encode_png(self.decode(latents)[0])
         up = self.vae_config.spatial_compression
         chunks = len(latent_chunks(latents.shape[0]))
-        with Mp4Encoder(up * latents.shape[1], up * latents.shape[2]) as encoder:
+        with Mp4Encoder(up * latents.shape[1], up * latents.shape[2], x264=self.x264) as encoder:
             for done, frames in enumerate(self.decode_chunks(latents), 1):
                 encoder.write(frames)
                 if progress is not None:

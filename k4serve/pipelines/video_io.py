@@ -17,6 +17,7 @@ import threading
 import wave
 import zlib
 from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,9 +25,34 @@ import imageio_ffmpeg
 import numpy as np
 
 FPS = 8  # the official T2V frame rate
-CRF = 5  # the official writer's quality setting (near-lossless H.264)
 SAMPLE_RATE = 44100  # of audio given without one
 AudioTiming = Literal["pad", "retime"]
+
+
+@dataclass(frozen=True)
+class X264Settings:
+    """libx264's speed preset and constant rate factor (lower: closer to the frames, larger files)."""
+
+    preset: str
+    crf: int
+
+
+# `official`: the official writer (torchvision's write_video with crf 5 at x264's default preset, medium).
+# `fast`: the default, picked by benchmarks/encode.py as the fastest setting whose PSNR against the source frames
+# stays within 0.5 dB of the official one's (RESULTS.md, "H.264 encode settings": +0.14 dB, ~5x faster, files
+# ~1.5x larger: ultrafast drops CABAC and B-frames).
+MP4_PRESETS: dict[str, X264Settings] = {
+    "official": X264Settings("medium", 5),
+    "fast": X264Settings("ultrafast", 5),
+}
+DEFAULT_MP4_PRESET = "fast"
+
+
+def mp4_settings(name: str) -> X264Settings:
+    """The x264 settings of an mp4 preset name; ValueError naming the choices for any other."""
+    if name not in MP4_PRESETS:
+        raise ValueError(f"unknown mp4 preset {name!r}; choose one of {sorted(MP4_PRESETS)}")
+    return MP4_PRESETS[name]
 
 
 def _check_frames(frames: np.ndarray) -> None:
@@ -44,7 +70,7 @@ class Mp4Encoder:
     """
 
     def __init__(self, height: int, width: int, fps: float | Fraction = FPS, audio: np.ndarray | None = None,
-                 sample_rate: int = SAMPLE_RATE):  # fmt: skip
+                 sample_rate: int = SAMPLE_RATE, x264: X264Settings = MP4_PRESETS[DEFAULT_MP4_PRESET]):  # fmt: skip
         self.shape = (height, width, 3)
         self.frames = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="k4serve-mp4-")
@@ -55,7 +81,8 @@ class Mp4Encoder:
         if audio is not None:
             write_wav(tmp / "audio.wav", audio, sample_rate)
             cmd += ["-i", str(tmp / "audio.wav"), "-c:a", "aac"]
-        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(CRF), "-movflags", "+faststart", str(self.path)]
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", x264.preset, "-crf", str(x264.crf)]
+        cmd += ["-movflags", "+faststart", str(self.path)]
         self._log = (tmp / "ffmpeg.log").open("wb")  # a file, not a pipe: ffmpeg never blocks on its stderr
         self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
         self._chunks: queue.Queue[np.ndarray | None] = queue.Queue()
@@ -115,6 +142,7 @@ def encode_mp4(
     audio: np.ndarray | None = None,
     sample_rate: int = SAMPLE_RATE,
     timing: AudioTiming = "pad",
+    x264: X264Settings = MP4_PRESETS[DEFAULT_MP4_PRESET],
 ) -> bytes:
     """uint8 frames [F, H, W, 3] (+ mono float audio in [-1, 1]) -> mp4 bytes (H.264 yuv420p, AAC).
 
@@ -129,7 +157,7 @@ def encode_mp4(
             fps = retimed_fps(len(frames), len(audio), sample_rate)
         else:
             raise ValueError(f"timing must be 'pad' or 'retime', got {timing!r}")
-    with Mp4Encoder(frames.shape[1], frames.shape[2], fps, audio, sample_rate) as encoder:
+    with Mp4Encoder(frames.shape[1], frames.shape[2], fps, audio, sample_rate, x264) as encoder:
         encoder.write(frames)
         return encoder.finish()
 

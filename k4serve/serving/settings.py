@@ -13,8 +13,9 @@ from collections.abc import Mapping
 # config.pbtxt parameter -> PipelineSettings field. `linear` is the dtype knob: the DiT's linear layers in
 # bf16 or fp8 on the fast engine; activations follow the device (bf16 on the GPU, float32 on the CPU). `engine_dir`:
 # where `k4serve export` wrote the engines that engine aoti | tensorrt | onnxruntime runs.
-SETTING_KEYS = ("preset", "weights", "engine", "attention", "linear", "engine_dir")
+SETTING_KEYS = ("preset", "weights", "engine", "attention", "linear", "engine_dir", "mp4_preset")
 PATH_KEYS = ("weights", "engine_dir")  # resolved to absolute paths when given on the command line
+# `mp4_preset`: the H.264 settings of the muxer and t2v_stream (fast, or official: the official writer's).
 ENV_PREFIX = "K4SERVE_"
 DEVICE_ENV = "K4SERVE_DEVICE"  # forces every stage onto one device ("cpu", "cuda:1"), whatever Triton chose
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from k4serve.pipelines.t2v import LATENT_CHANNELS, PipelineSettings, RequestError, T2VPipeline
-from k4serve.pipelines.video_io import FPS, SAMPLE_RATE, encode_mp4
+from k4serve.pipelines.video_io import DEFAULT_MP4_PRESET, FPS, SAMPLE_RATE, encode_mp4, mp4_settings
 from k4serve.serving.backend import (
     StageModel,
     bytes_tensor,
@@ -90,11 +90,14 @@ class MuxerModel(StageModel):
     stage = "muxer"
     uses_device = False  # ffmpeg runs on the host
 
+    def setup(self) -> None:
+        self.x264 = mp4_settings(pipeline_options(self.model_config).get("mp4_preset") or DEFAULT_MP4_PRESET)
+
     def run(self, request) -> list:
         frames = input_torch(request, "FRAMES").cpu().numpy()
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise RequestError(f"FRAMES must be uint8 [F, H, W, 3], got {list(frames.shape)}")
         audio = input_torch(request, "AUDIO", required=False)
         sample_rate = input_int(request, "SAMPLE_RATE", required=False) or SAMPLE_RATE
-        mp4 = encode_mp4(frames, FPS, None if audio is None else audio.cpu().numpy(), sample_rate)
+        mp4 = encode_mp4(frames, FPS, None if audio is None else audio.cpu().numpy(), sample_rate, self.x264)
         return [bytes_tensor("MP4", mp4)]

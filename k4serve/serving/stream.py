@@ -101,7 +101,8 @@ class T2VStreamModel(PipelineStage):
         # The H.264 encode runs on the CPU while the VAE decodes the next chunk; "muxer" is then only its tail.
         chunks = len(latent_chunks(latents.shape[0]))
         progress.begin("vae_decoder", chunks)
-        with Mp4Encoder(shape.height, shape.width, FPS) as encoder:  # closed (ffmpeg stopped) on a cancel too
+        # closed (ffmpeg stopped) on a cancel too
+        with Mp4Encoder(shape.height, shape.width, FPS, x264=self.pipeline.x264) as encoder:
             for done, frames in enumerate(self.pipeline.decode_chunks(latents), 1):
                 encoder.write(frames)
                 progress.step("vae_decoder", done, chunks)
