@@ -16,8 +16,8 @@ import tempfile
 import threading
 import wave
 import zlib
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
