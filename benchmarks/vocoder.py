@@ -24,6 +24,7 @@ from results import append_table
 
 from k4serve.models.audio import (
     PRESETS,
+    SpectrogramParams,
     audio_width,
     griffin_lim,
     mel_filterbank,
@@ -35,16 +36,18 @@ from k4serve.models.audio import (
 PARAMS = PRESETS["v2a"]
 
 
-def official_solve(mel: torch.Tensor) -> torch.Tensor:
+def official_solve(mel: torch.Tensor, params: SpectrogramParams = PARAMS) -> torch.Tensor:
     """torchaudio's InverseMelScale forward: relu(lstsq(fb.T, mel)) in float32 on the mel's device."""
-    fb = mel_filterbank(PARAMS).to(mel.device)
+    fb = mel_filterbank(params).to(mel.device)
     return torch.linalg.lstsq(fb.T[None], mel[None], driver="gels").solution[0].relu()
 
 
-def vocode(image: torch.Tensor, solve, generator: torch.Generator) -> tuple[torch.Tensor, object]:
-    """(Griffin-Lim waveform, official-level audio) for one spectrogram image."""
-    mel = spectrogram_image_to_mel(image, PARAMS)
-    waveform = griffin_lim(solve(mel), PARAMS, generator)
+def vocode(
+    image: torch.Tensor, solve, generator: torch.Generator, params: SpectrogramParams = PARAMS
+) -> tuple[torch.Tensor, object]:
+    """(Griffin-Lim waveform, official-level audio) for one spectrogram image; solve(mel, params) -> linear."""
+    mel = spectrogram_image_to_mel(image, params)
+    waveform = griffin_lim(solve(mel, params), params, generator)
     return waveform, official_loudness(waveform)
 
 

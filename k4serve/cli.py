@@ -10,14 +10,16 @@ from k4serve.client.cli import add_request_arguments
 from k4serve.export.cli import add_export_arguments
 from k4serve.pipelines.cli import add_generate_arguments
 from k4serve.pipelines.t2v import RequestError
+from k4serve.pipelines.v2a_cli import add_v2a_arguments
 from k4serve.serving.cli import add_serve_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand (defining arguments imports no optional package)."""
-    parser = argparse.ArgumentParser(prog="k4serve", description="Kandinsky 4.0 T2V Flash serving engine")
+    parser = argparse.ArgumentParser(prog="k4serve", description="Kandinsky 4.0 T2V Flash + V2A serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_generate_arguments(commands.add_parser("generate", help="prompt -> mp4, in this process"))
+    add_generate_arguments(commands.add_parser("generate", help="prompt -> mp4 (--audio: with sound), in process"))
+    add_v2a_arguments(commands.add_parser("v2a", help="video -> the video with a generated soundtrack, in process"))
     add_serve_arguments(commands.add_parser("serve", help="run tritonserver on the model repository"))
     add_request_arguments(commands.add_parser("request", help="send a prompt to a running server"))
     add_export_arguments(commands.add_parser("export", help="build engines: onnx, tensorrt, aoti"))
@@ -31,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         from k4serve.pipelines.cli import run_generate
 
         return run_generate(args)
+    if args.command == "v2a":
+        from k4serve.pipelines.v2a_cli import run_v2a
+
+        return run_v2a(args)
     if args.command == "serve":
         from k4serve.serving.cli import run_serve
 

@@ -10,7 +10,10 @@ import argparse
 
 from k4serve.engines.base import ENGINES
 from k4serve.engines.options import ATTENTION, LINEAR, describe_attention, describe_linear, option_help
+from k4serve.models.cogvlm2_video import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 from k4serve.pipelines.t2v import PIPELINE_PRESETS, SUPPORTED_SIZES
+from k4serve.pipelines.v2a import PIPELINE_PRESETS as V2A_PRESETS
+from k4serve.pipelines.v2a import TIMINGS, V2ASettings
 from k4serve.pipelines.video_io import MP4_PRESETS
 
 
@@ -59,3 +62,61 @@ def add_model_arguments(
     encodings = "; ".join(f"{name}: x264 {s.preset} crf {s.crf}" for name, s in MP4_PRESETS.items())
     parser.add_argument("--mp4-preset", choices=sorted(MP4_PRESETS), default=mp4_preset,
                         help=f"H.264 settings ({encodings}; official is the official writer's)")  # fmt: skip
+
+
+def add_audio_arguments(parser: argparse.ArgumentParser, prompt_flag: str, prefix: str = "") -> None:
+    """V2A's options, shared by `v2a` and `generate --audio`: the sound's prompt (`prompt_flag`), --negative-prompt,
+    --timing, and the V2A models' --{prefix}preset --{prefix}weights --{prefix}encoder-weights."""
+    parser.add_argument(
+        prompt_flag,
+        dest="audio_prompt",
+        default=DEFAULT_PROMPT,
+        metavar="TEXT",
+        help=f"what the sound should be (CogVLM2 reads 100 tokens; default {DEFAULT_PROMPT!r})",
+    )
+    parser.add_argument(
+        "--negative-prompt",
+        default=DEFAULT_NEGATIVE_PROMPT,
+        metavar="TEXT",
+        help=f"what it should not be (default {DEFAULT_NEGATIVE_PROMPT!r})",
+    )
+    parser.add_argument(
+        "--timing",
+        choices=TIMINGS,
+        default="pad",
+        help="pad (default): the video keeps its frame rate and the audio is padded with silence to "
+        "its length; retime: the official mapping, the frames played over the audio's length",
+    )
+    parser.add_argument(
+        f"--{prefix}preset",
+        dest="v2a_preset",
+        choices=sorted(V2A_PRESETS),
+        default=None,
+        help="V2A model sizes (default: tiny, or kandinsky4-v2a beside generate's flash-512)",
+    )
+    parser.add_argument(
+        f"--{prefix}weights",
+        dest="v2a_weights",
+        default=None,
+        metavar="DIR",
+        help="the ai-forever/kandinsky-4-v2a snapshot (README: 'Video to audio: weights')",
+    )
+    parser.add_argument(
+        f"--{prefix}encoder-weights",
+        dest="v2a_encoder_weights",
+        default=None,
+        metavar="DIR",
+        help="the THUDM/cogvlm2-video-llama3-chat snapshot, if not inside the V2A weights",
+    )
+
+
+def v2a_settings(args: argparse.Namespace, preset: str, device: str | dict[str, str], engine: str) -> V2ASettings:
+    """The V2A pipeline's settings from add_audio_arguments' options (`preset` unless --preset was given)."""
+    return V2ASettings(
+        preset=args.v2a_preset or preset,
+        weights=args.v2a_weights,
+        encoder_weights=args.v2a_encoder_weights,
+        device=device,
+        engine=engine,
+        mp4_preset=args.mp4_preset,
+    )

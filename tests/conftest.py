@@ -37,3 +37,13 @@ def triton_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread for the module: the tiny models' ops are too small to gain from threads, and on a
+    loaded 2-core machine OpenMP's barriers make a tiny UNet call ~10x slower (0.35 s instead of 0.03 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,18 +3,25 @@
 `OfficialVideoProcessor` / `OfficialPromptProcessor` follow `model/attention_processors.py` line by line (the
 video attention written out as softmax(q kᵀ / √d) v, not through SDPA), installed into a diffusers
 UNet2DConditionModel exactly as `model/unet.py` does; `official_sampling_loop` follows `video2audio_pipe.py`'s
-`__call__` loop on diffusers' PNDMScheduler. Our modules are checked against these, never against themselves.
+`__call__` loop on diffusers' PNDMScheduler; `official_v2a_audio` the whole request around it. Our modules are
+checked against these, never against themselves.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from diffusers import PNDMScheduler, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils.torch_utils import randn_tensor
 from official_reference import randomize_weights
+from PIL import Image
 from torch import nn
+
+from k4serve.models.audio import spectrogram_image_to_audio
 
 # ai-forever/kandinsky-4-v2a `scheduler/scheduler_config.json` as the SD1 / riffusion PNDM defaults.
 SD1_PNDM = dict(
@@ -131,3 +138,46 @@ def official_sampling_loop(unet, latents, prompt_embeds, image_embeds, guidance_
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
     return latents
+
+
+def official_load_video(video: np.ndarray, fps: float, num_frames: int = 96, max_duration_sec: int = 12):
+    """`utils.load_video` on uint8 frames [N, H, W, 3] (channels last, as our encoder takes them): (the sampled
+    frames, the kept frames, duration_sec)."""
+    duration_sec = int(video.shape[0] / fps)
+    if duration_sec > max_duration_sec:
+        duration_sec = max_duration_sec
+    total_frames = int(duration_sec * fps)
+    video = video[:total_frames]
+    frame_id_list = np.linspace(0, total_frames - 1, num_frames, dtype=int)
+    return video[frame_id_list], video, duration_sec
+
+
+def official_v2a_audio(encoder, unet, vae, params, video, fps, prompt, negative_prompt, seed):
+    """The official V2A composition (`load_video`, `Video2AudioPipeline.__call__` with `_encode_conditions`, then
+    `create_video`'s image -> audio), step by step, with our modules in the official models' roles: `encoder` for
+    CogVLM2's extract_*_embedding, `unet`, `vae` (forward = diffusers' `decode(z).sample`), diffusers' scheduler
+    and image processor. Both random draws come from generators seeded with `seed` (the official leaves them
+    unseeded). Returns (latents [1, 4, h, w], the spectrogram as the PIL image, audio float32 [N])."""
+    images, _, duration_sec = official_load_video(video, fps)
+    dtype = next(unet.parameters()).dtype
+    # _encode_conditions, do_classifier_free_guidance: [negative; prompt] and [black video; video]
+    prompt_embeds = encoder.text_features(prompt)[None].to(dtype)
+    image_embeds = encoder.video_features(images)[None].to(dtype)
+    negative_prompt_embeds = encoder.text_features(negative_prompt)[None].to(dtype)
+    prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+    uncond_image_embeds = encoder.video_features(images * 0)[None].to(dtype)
+    image_embeds = torch.cat([uncond_image_embeds, image_embeds])
+    # __call__: height = the image's (512 mel rows at full size), width from the duration
+    width = ((duration_sec * 100) // 32) * 32
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (1, unet.config.in_channels, params.n_mels // vae_scale_factor, width // vae_scale_factor)
+    generator = torch.Generator().manual_seed(seed)
+    latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
+    latents = official_sampling_loop(unet, latents, prompt_embeds, image_embeds)
+    vae_dtype = next(vae.parameters()).dtype
+    spectrogram = vae(latents.to(vae_dtype) / vae.config.scaling_factor)
+    pil = VaeImageProcessor(vae_scale_factor=8).postprocess(spectrogram, output_type="pil", do_denormalize=[True])[0]
+    # create_video: PIL -> numpy -> PIL (no EXIF: riffusion's default parameters), then image_to_audio at -30 dBFS
+    image = np.array(Image.fromarray(np.array(pil)))
+    audio = spectrogram_image_to_audio(image, params, torch.Generator().manual_seed(seed), target_dbfs=-30.0)
+    return latents, pil, audio

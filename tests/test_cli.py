@@ -1,7 +1,9 @@
-"""`k4serve generate` end to end on the tiny preset, and a clear non-zero exit for every bad argument."""
+"""`k4serve generate` (with --audio) and `k4serve v2a` end to end on the tiny preset, and a clear non-zero exit
+for every bad argument."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,9 +11,11 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from mp4_probe import FFMPEG, probe_mp4
 
 from k4serve.cli import main
-from k4serve.pipelines.video_io import decode_mp4
+from k4serve.pipelines.media import UploadLimits
+from k4serve.pipelines.video_io import decode_mp4, encode_mp4
 
 
 def test_generate_writes_a_decodable_mp4(tmp_path):
@@ -85,3 +89,72 @@ def test_without_the_serve_extra_generate_works_and_request_names_the_extra(tmp_
     assert out.is_file()
     assert main(["request", "a red fox", "-o", str(tmp_path / "x.mp4")]) == 2
     assert "pip install 'k4serve[serve]'" in capsys.readouterr().err
+
+
+# ---- sound: `k4serve v2a` and `k4serve generate --audio` ----
+
+
+def assert_aac_44k_as_long_as_the_video(mp4: bytes, n_frames: int, tmp_path) -> np.ndarray:
+    """The mp4's AAC stream is 44.1 kHz mono and lasts as long as its video within one frame; its samples."""
+    info, audio, frames = probe_mp4(mp4, tmp_path)
+    assert re.search(r"Audio: aac .*44100 Hz, mono", info), info
+    fps = decode_mp4(mp4)[1]
+    assert frames == n_frames
+    assert abs(len(audio) / 44100 - frames / fps) <= 1 / fps
+    return audio
+
+
+def test_v2a_gives_an_uploaded_video_its_sound_and_says_it_trimmed(tmp_path, capsys, single_thread):
+    upload = tmp_path / "in.mp4"  # 13 s at 2 fps: the official keeps its first 12 s (24 frames)
+    upload.write_bytes(encode_mp4(np.random.default_rng(0).integers(0, 256, (26, 48, 64, 3), np.uint8), fps=2))
+    out = tmp_path / "out.mp4"
+    assert main(["v2a", str(upload), "-o", str(out), "--seed", "3", "--prompt", "rain on a roof"]) == 0
+    stdout = capsys.readouterr().out
+    assert "trimmed from 13.00 s to its first 12 s" in stdout and "seed 3" in stdout
+    audio = assert_aac_44k_as_long_as_the_video(out.read_bytes(), 24, tmp_path)
+    generated = 441 * (1184 - 1)  # 11.83 s; padded with silence to the video's 12 s
+    assert np.abs(audio[: generated - 4096]).max() > 100 and np.abs(audio[generated + 4096 :]).max(initial=0) < 40
+
+
+def test_generate_with_audio_writes_one_mp4_with_sound(tmp_path, capsys, single_thread):
+    out = tmp_path / "fox.mp4"
+    args = ["generate", "a red fox", "-o", str(out), "--seconds", "1", "--size", "384x672", "--seed", "4", "--audio"]
+    assert main([*args, "--timing", "retime", "--audio-prompt", "paws on snow"]) == 0
+    assert "seed 4" in capsys.readouterr().out
+    # 9 frames at 8 fps keep 1 s (8 frames), played over the audio's 0.95 s as the official retimes them
+    assert_aac_44k_as_long_as_the_video(out.read_bytes(), 8, tmp_path)
+    assert abs(decode_mp4(out.read_bytes())[1] - 8 * 44100 / (441 * 95)) < 0.01
+
+
+def ffv1_video(path, size: str) -> None:
+    cmd = [FFMPEG, "-loglevel", "error", "-f", "lavfi", "-i", f"testsrc=size={size}:rate=10", "-t", "2", "-c:v", "ffv1"]
+    subprocess.run([*cmd, str(path)], check=True)
+
+
+BAD_V2A = {
+    "not a video": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)), [], "not a video ffmpeg can read"),
+    "empty file": (lambda p: p.write_bytes(b""), [], "the upload is empty"),
+    "over the size limit": (lambda p: ffv1_video(p, "64x48"), [], "bytes; at most 1000 are accepted"),
+    "odd dimensions": (lambda p: ffv1_video(p, "63x48"), [], "63x48; H.264 4:2:0 output needs an even width"),
+    "under 1 s": (lambda p: p.write_bytes(encode_mp4(np.zeros((5, 16, 16, 3), np.uint8), fps=10)), [], "shorter"),
+    "long prompt": (lambda p: ffv1_video(p, "64x48"), ["--prompt", "x" * 1001], "at most 1000 are accepted"),
+    "missing file": (lambda p: None, [], "No such file or directory"),
+    "no weights": (lambda p: ffv1_video(p, "64x48"), ["--weights", "/nonexistent/v2a"], "weights directory not found"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_V2A))
+def test_bad_v2a_input_exits_nonzero_naming_the_fix(name, tmp_path, capsys, monkeypatch):
+    make, args, message = BAD_V2A[name]
+    if name == "over the size limit":
+        monkeypatch.setattr("k4serve.pipelines.v2a_cli.UPLOAD_LIMITS", UploadLimits(max_bytes=1000))
+    video = tmp_path / "in.mkv"
+    make(video)
+    assert main(["v2a", str(video), "-o", str(tmp_path / "out.mp4"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_generate_audio_needs_whole_seconds(tmp_path, capsys):
+    assert main(["generate", "a red fox", "-o", str(tmp_path / "x.mp4"), "--seconds", "0", "--audio"]) == 2
+    assert "--audio needs --seconds 1..12" in capsys.readouterr().err

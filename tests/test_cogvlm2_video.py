@@ -18,6 +18,7 @@ from k4serve.models.cogvlm2_video import (
     DEFAULT_NEGATIVE_PROMPT,
     PRESETS,
     PROMPT_TOKENS,
+    UNCONDITIONAL_CACHE,
     CogVLM2Video,
     CogVLM2VideoEncoder,
     DecoderLayer,
@@ -248,6 +249,21 @@ def test_unconditional_branch_is_a_black_video_and_the_negative_prompt_computed_
     for height, width in [(224, 224), (100, 177), (384, 672), (1080, 1920)]:
         black = preprocess_frames(np.zeros((1, height, width, 3), dtype=np.uint8))
         torch.testing.assert_close(black, constant, rtol=0, atol=0)
+
+
+def test_unconditional_cache_keeps_one_black_video_and_the_latest_negative_prompts():
+    encoder = CogVLM2VideoEncoder.from_preset("tiny", seed=0)
+    first = encoder.unconditional("negative 0", num_frames=2)
+    for i in range(1, UNCONDITIONAL_CACHE + 1):
+        assert encoder.unconditional(f"negative {i}", num_frames=2).video is first.video  # computed once
+    assert len(encoder._unconditional) == UNCONDITIONAL_CACHE  # bounded: "negative 0" was dropped
+    assert (
+        encoder.unconditional(f"negative {UNCONDITIONAL_CACHE}", num_frames=2)
+        is encoder._unconditional[(f"negative {UNCONDITIONAL_CACHE}", 2)]
+    )
+    again = encoder.unconditional("negative 0", num_frames=2)
+    assert again is not first
+    torch.testing.assert_close(again.prompt, first.prompt, rtol=0, atol=0)
 
 
 # ---- frames in ----

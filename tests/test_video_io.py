@@ -12,6 +12,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
+from mp4_probe import FFMPEG, probe_mp4
 
 from k4serve.pipelines.media import (
     MediaError,
@@ -101,19 +102,6 @@ def test_a_chunk_of_another_size_is_refused():
 
 
 # --- Audio muxing: the AAC stream ends with the video --------------------------------------------------------
-
-FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def probe_mp4(data: bytes, tmp_path: Path) -> tuple[str, np.ndarray, int]:
-    """(ffmpeg's description of the streams, the audio decoded back to int16 at its own rate, video frames)."""
-    path = tmp_path / "probe.mp4"
-    path.write_bytes(data)
-    info = subprocess.run([FFMPEG, "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
-    audio = subprocess.run(
-        [FFMPEG, "-loglevel", "error", "-i", str(path), "-map", "0:a", "-f", "s16le", "-"], capture_output=True
-    ).stdout
-    return info, np.frombuffer(audio, np.int16), len(decode_mp4(data)[0])
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ DEFAULT_PROMPT = "clean. clear. good quality."
 DEFAULT_NEGATIVE_PROMPT = "hissing noise. drumming rythm. saying. poor quality."  # sic, as the official README
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+UNCONDITIONAL_CACHE = 16  # negative prompts whose features are kept (0.8 MB each at full size in bf16)
 PREPROCESS_CHUNK = 16  # frames per preprocessing step: bounds the float copy of a long 1080p upload
 
 # q [B, L, H, D], k/v [B, L, H_kv, D] -> [B, L, H, D]; causal, scale 1/sqrt(D), query head j reads kv head j // (H/H_kv)
@@ -355,7 +357,8 @@ class CogVLM2VideoEncoder:
         self.model = model.eval().requires_grad_(False)
         self.config = model.config
         self.tokenizer = tokenizer
-        self._unconditional: dict[tuple[str, int], Conditioning] = {}
+        self._black_video: dict[int, Tensor] = {}  # frame count -> the black video's features
+        self._unconditional: OrderedDict[tuple[str, int], Conditioning] = OrderedDict()  # least recently used first
 
     @property
     def device(self) -> torch.device:
@@ -435,11 +438,20 @@ class CogVLM2VideoEncoder:
     def unconditional(
         self, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, num_frames: int = NUM_FRAMES
     ) -> Conditioning:
-        """The unconditional branch, computed once per (negative prompt, frame count) and kept: the official encodes
-        `frames * 0` (an all-black video) with the negative prompt. Black frames of any size preprocess to the same
-        constant -mean/std per channel (bitwise on the CPU for the sizes tested), so 224x224 ones serve every upload."""
+        """The unconditional branch, kept: the official encodes `frames * 0` (an all-black video) with the negative
+        prompt. Black frames of any size preprocess to the same constant -mean/std per channel (bitwise on the CPU for
+        the sizes tested), so 224x224 ones serve every upload: their features are computed once per frame count.
+        The negative prompt's (one short text pass) are kept for the last UNCONDITIONAL_CACHE distinct prompts, so
+        clients choosing their own cannot grow the cache without bound."""
         key = (negative_prompt, num_frames)
-        if key not in self._unconditional:
+        if key in self._unconditional:
+            self._unconditional.move_to_end(key)
+            return self._unconditional[key]
+        if num_frames not in self._black_video:
             black = torch.zeros(num_frames, 224, 224, 3, dtype=torch.uint8)
-            self._unconditional[key] = Conditioning(self.text_features(negative_prompt), self.video_features(black))
-        return self._unconditional[key]
+            self._black_video[num_frames] = self.video_features(black)
+        branch = Conditioning(self.text_features(negative_prompt), self._black_video[num_frames])
+        self._unconditional[key] = branch
+        if len(self._unconditional) > UNCONDITIONAL_CACHE:
+            self._unconditional.popitem(last=False)
+        return branch

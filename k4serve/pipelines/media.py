@@ -12,6 +12,7 @@ the official's trim (computed from the exact rate) for integer rates and for 240
 
 from __future__ import annotations
 
+import numbers
 import re
 import subprocess
 import tempfile
@@ -94,6 +95,35 @@ def trim_video(
         )
     source = len(frames) / fps if source_seconds is None else source_seconds
     return TrimmedVideo(frames[:kept], fps, seconds, trimmed=kept < len(frames), source_seconds=source)
+
+
+def clip_seconds(n_frames: int, fps: float, max_seconds: int = MAX_SECONDS) -> int:
+    """The whole seconds of a clip that `trim_video` kept: the smallest s with int(s * fps) == n_frames.
+
+    Not a second trim: trimming is not idempotent (12 s at 29.97 fps keeps 359 frames, which would trim to 11 s),
+    so frames are trimmed once, where they are decoded, and later stages recover the seconds from the count.
+    MediaError for frames that are no such clip."""
+    for seconds in range(1, max_seconds + 1):
+        if int(seconds * fps) == n_frames:
+            return seconds
+    raise MediaError(
+        f"{n_frames} frames at {fps:g} fps are not a clip of whole seconds (1 to {max_seconds}): trim the video "
+        "first (trim_video / decode_video keep int(s * fps) frames of its first s = min(int(n / fps), 12) seconds)"
+    )
+
+
+def check_frames(frames: np.ndarray, fps: float, limits: UploadLimits = UploadLimits()) -> None:
+    """MediaError naming the fix unless `frames` are uint8 RGB [F >= 1, H, W, 3] at a positive fps, within the
+    upload limits and of an even size (what decode_video guarantees for an uploaded file)."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        got = f"{frames.dtype} {list(frames.shape)}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise MediaError(f"frames must be a uint8 RGB array [frames, height, width, 3], got {got}")
+    if len(frames) == 0 or 0 in frames.shape[1:3]:
+        raise MediaError(f"no frames (shape {list(frames.shape)}): send at least one second of video")
+    if not isinstance(fps, numbers.Real) or not fps > 0:
+        raise MediaError(f"the frame rate must be a positive number of frames per second, got {fps!r}")
+    stream = VideoStream(0, "rawvideo", frames.shape[2], frames.shape[1], float(fps), "frames", len(frames) / fps)
+    check_limits(stream, len(frames), limits)
 
 
 def conditioning_frame_indices(n_frames: int, count: int = CONDITIONING_FRAMES) -> np.ndarray:

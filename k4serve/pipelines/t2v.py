@@ -8,6 +8,8 @@ truncating float -> uint8 conversion of its video writer. So a seed reproduces t
 from __future__ import annotations
 
 import contextlib
+import numbers
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +60,19 @@ def validate_request(prompt: str, height: int, width: int, seconds: int, seed: i
         raise RequestError(f"size {height}x{width} (height x width) is not supported; use one of: {allowed}")
     if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= MAX_SECONDS:
         raise RequestError(f"seconds must be a whole number from 0 to {MAX_SECONDS} (0 gives an image), got {seconds}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise RequestError(f"seed must be from 0 to 2**63-1, got {seed}")
+    validate_seed(seed)
+
+
+def validate_seed(seed: int | None) -> None:
+    """RequestError unless `seed` is None (random) or a whole number from 0 to 2**63-1."""
+    whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+    if seed is not None and not (whole and 0 <= seed <= MAX_SEED):
+        raise RequestError(f"seed must be from 0 to 2**63-1 (a whole number), got {seed!r}")
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh random one when none was given."""
+    return secrets.randbelow(MAX_SEED + 1) if seed is None else seed
 
 
 def num_latent_frames(seconds: int) -> int:
@@ -99,12 +112,18 @@ class PipelineSettings:
 
     def device_map(self) -> dict[str, str]:
         """The device of each component."""
-        if isinstance(self.device, dict):
-            missing = [c for c in COMPONENTS if c not in self.device]
-            if missing:
-                raise ValueError(f"device map lacks {missing}; give a device for each of {list(COMPONENTS)}")
-            return dict(self.device)
-        return dict.fromkeys(COMPONENTS, self.device)
+        return component_devices(self.device, COMPONENTS)
+
+
+def component_devices(device: str | dict[str, str], components: tuple[str, ...]) -> dict[str, str]:
+    """The device of each of `components`: one device for all, or a map that names each (other keys are ignored,
+    so one map can place the components of several pipelines)."""
+    if isinstance(device, dict):
+        missing = [c for c in components if c not in device]
+        if missing:
+            raise ValueError(f"device map lacks {missing}; give a device for each of {list(components)}")
+        return {c: device[c] for c in components}
+    return dict.fromkeys(components, device)
 
 
 def _weights_paths(weights: str | Path) -> dict[str, Path]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
-from k4serve.pipelines.t2v import MAX_SEED, SUPPORTED_SIZES, RequestError, validate_request
+from k4serve.pipelines.t2v import SUPPORTED_SIZES, RequestError, resolve_seed, validate_request
 
 # validate_request checks a whole request; a stage that sees only part of it fills the rest with a value
 # known to pass, so each check lives in one place (the pipeline).
@@ -25,11 +24,6 @@ def decode_prompt(raw: bytes | str) -> str:
             ) from None
     validate_request(raw, *_VALID_SIZE, 0)
     return raw
-
-
-def resolve_seed(seed: int | None) -> int:
-    """The request's seed, or a fresh random one when the client sent none."""
-    return secrets.randbelow(MAX_SEED + 1) if seed is None else seed
 
 
 @dataclass(frozen=True)
