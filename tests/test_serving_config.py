@@ -27,7 +27,7 @@ from k4serve.serving.launcher import (
 from k4serve.serving.requests import VideoShape, decode_prompt
 from k4serve.serving.settings import instance_device, pipeline_options, stage_device
 
-GPU_STAGES = ("text_encoder", "dit_sampler", "vae_decoder", "t2v_stream")
+GPU_STAGES = ("text_encoder", "dit_sampler", "vae_decoder")
 
 
 @pytest.mark.parametrize("device_id", [0, 1, 2, 3])
@@ -133,7 +133,7 @@ def test_serve_flags_become_k4serve_environment(tmp_path):
     assert stage_env(parser.parse_args([])) == {}
 
 
-def test_an_ensemble_brings_its_stages_and_unknown_models_are_named():
+def test_an_entry_point_brings_its_stages_and_unknown_models_are_named():
     assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v"]) == [
         "dit_sampler",
         "muxer",
@@ -141,7 +141,13 @@ def test_an_ensemble_brings_its_stages_and_unknown_models_are_named():
         "text_encoder",
         "vae_decoder",
     ]
-    assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v_stream"]) == ["t2v_stream"]
+    assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v_stream"]) == [
+        "dit_sampler",
+        "muxer",
+        "t2v_stream",
+        "text_encoder",
+        "vae_decoder",
+    ]
     with pytest.raises(ValueError, match="no model t2a in .*; choose from dit_sampler, muxer, t2v, t2v_stream"):
         models_to_load(REPO_MODEL_REPOSITORY, ["t2a"])
 
