@@ -9,14 +9,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 
 pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
+from serving_helpers import PROMPT, SIZE, TIMEOUT_S, metric, metrics, wait_for  # noqa: E402
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
 
 from k4serve.client.client import AsyncT2VClient, T2VClient, Video, VideoRequest  # noqa: E402
@@ -25,10 +24,7 @@ from k4serve.pipelines.video_io import FPS, decode_mp4, encode_mp4  # noqa: E402
 
 pytestmark = pytest.mark.server
 
-SIZE = (384, 672)
-PROMPT = "a red fox runs through fresh snow"
 STAGES = ("text_encoder", "dit_sampler", "vae_decoder", "muxer")
-TIMEOUT_S = 240  # per request: bounds every wait; the tiny preset needs a few seconds
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +50,6 @@ def assert_video(video: Video, seconds: int) -> np.ndarray:
     assert frames.shape == (num_frames(seconds), *SIZE, 3)
     assert fps == FPS
     return frames
-
-
-def metrics(server) -> dict[tuple[str, frozenset], float]:
-    """Triton's Prometheus endpoint as {(name, labels): value}."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if match and not line.startswith("#"):
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            samples[(match.group(1), labels)] = float(match.group(3))
-    return samples
-
-
-def metric(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def raw_inputs(**values: np.ndarray) -> list:
@@ -126,23 +106,6 @@ def test_absent_seed_is_drawn_and_returned(client):
     np.testing.assert_array_equal(decode_mp4(again.mp4)[0], decode_mp4(first.mp4)[0])
 
 
-def test_16_concurrent_requests_each_match_their_seed(triton_server, reference):
-    seeds = list(range(100, 116))
-
-    async def run_all() -> list[Video]:
-        async with AsyncT2VClient(triton_server.grpc_url, timeout_s=TIMEOUT_S) as client:
-            requests = [VideoRequest(PROMPT, *SIZE, seconds=0, seed=seed) for seed in seeds]
-            return await asyncio.gather(*(client.generate(request) for request in requests))
-
-    videos = asyncio.run(run_all())
-    assert [video.seed for video in videos] == seeds
-    assert len({video.request_id for video in videos}) == len(seeds)
-    for seed, video in zip(seeds, videos, strict=True):
-        np.testing.assert_array_equal(
-            assert_video(video, 0), expected_frames(reference, 0, seed), err_msg=f"seed {seed}"
-        )
-
-
 def test_async_stream_yields_progress_then_the_same_video(triton_server, client):
     async def stream() -> list:
         async with AsyncT2VClient(triton_server.grpc_url, timeout_s=TIMEOUT_S) as aio:
@@ -189,13 +152,6 @@ def test_server_keeps_serving_after_bad_inputs(client):
 def test_stream_bad_input_ends_the_stream_with_the_reason(client):
     with pytest.raises(InferenceServerException, match="is not supported; use one of: 512x512"):
         list(client.stream(VideoRequest(PROMPT, 400, 400, seconds=0, seed=1)))
-
-
-def wait_for(condition, what: str, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_cancelled_stream_stops_the_work_and_frees_the_instance(triton_server, client):

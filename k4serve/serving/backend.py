@@ -102,7 +102,7 @@ def error_response(error: Exception) -> pb_utils.InferenceResponse:
     elif isinstance(error, Refused):
         code = pb_utils.TritonError.UNAVAILABLE
     elif isinstance(error, Cancelled):
-        code, error = pb_utils.TritonError.CANCELLED, "request cancelled (by its client, or its deadline passed)"
+        code, error = pb_utils.TritonError.CANCELLED, str(error) or "request cancelled by its client (or its deadline)"
     elif isinstance(error, StageFailure):
         code = error.code
     else:

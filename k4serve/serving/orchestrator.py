@@ -25,8 +25,8 @@ from k4serve.serving.backend import (
     Refused,
     StageFailure,
     TritonModel,
-    bytes_tensor,
     error_response,
+    event_response,
 )
 from k4serve.serving.control import CANCEL_PARAMETER, Admission, CancelFlags, control_dir, max_queue
 from k4serve.serving.settings import config_parameters
@@ -67,13 +67,19 @@ class Flight:
         self.token = flags.new_token()
         self.flagged = False
         self.started = time.monotonic()
-        timeout_us = request.timeout()  # the request's own `timeout` field (microseconds), 0 when none
-        self.deadline = self.started + timeout_us / 1e6 if timeout_us else None
+        self.timeout_s = request.timeout() / 1e6  # the request's own `timeout` field (microseconds), 0 when none
+        self.late = False
 
     def stopped(self) -> bool:
         """Whether the client cancelled the request (a gRPC deadline counts) or its timeout passed."""
-        late = self.deadline is not None and time.monotonic() > self.deadline
-        return late or self.request.is_cancelled()
+        self.late = self.late or (self.timeout_s > 0 and time.monotonic() - self.started > self.timeout_s)
+        return self.late or self.request.is_cancelled()
+
+    def cancellation(self) -> Cancelled:
+        """Why the request was stopped, for its response."""
+        if self.late:
+            return Cancelled(f"the request's timeout of {self.timeout_s:g} s passed; its work was stopped")
+        return Cancelled()
 
     def check(self) -> None:
         """Raise Cancelled once the request is stopped."""
@@ -92,7 +98,7 @@ class Flight:
         if self.streams:
             elapsed = time.monotonic() - self.started
             event = {"stage": stage, "step": step, "steps": steps, "fraction": step / steps, "elapsed": elapsed}
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=[bytes_tensor("EVENT", json.dumps(event))]))
+            self.sender.send(event_response(event))
 
 
 class Orchestrator(TritonModel):
@@ -159,9 +165,9 @@ class Orchestrator(TritonModel):
                 tensors.update(self._call(step, tensors, flight))
             response = pb_utils.InferenceResponse(output_tensors=[tensors[name] for name in self.outputs])
             finished = time.monotonic() - flight.started
-        except Cancelled as error:
+        except Cancelled:
             self.metrics.count_cancelled()
-            response = error_response(error)
+            response = error_response(flight.cancellation())
         except Exception as error:  # the request ends with its error; the entry point serves the next
             response = error_response(error)
         finally:
