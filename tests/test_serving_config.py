@@ -105,7 +105,7 @@ def test_gpus_pin_every_gpu_stage_and_leave_the_muxer_on_the_cpu(tmp_path):
         assert "instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 1, 3 ] } ]" in text, model
     muxer = (repository / "muxer" / "config.pbtxt").read_text()
     assert muxer == (REPO_MODEL_REPOSITORY / "muxer" / "config.pbtxt").read_text()
-    assert (repository / "t2v" / "1").is_dir()  # the ensemble's (empty) version directory is copied too
+    assert (repository / "t2v" / "1").is_dir()  # the entry point's version directory is copied too
 
 
 def test_gpus_none_puts_every_stage_on_the_cpu_and_no_flag_changes_nothing():

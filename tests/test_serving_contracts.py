@@ -1,8 +1,9 @@
 """Stage contracts and the control files, without a server: what each stage accepts, what it refuses (naming the
-allowed values), the entry points' bound, the drain file and the cancellation flags."""
+allowed values), the entry points' bound, the drain file, the cancellation flags, the entry points' pipelines."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -17,6 +18,7 @@ from k4serve.serving.control import (
     is_draining,
     max_queue,
 )
+from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, models_to_load
 from k4serve.serving.requests import (
     check_audio,
     check_embeddings,
@@ -24,6 +26,7 @@ from k4serve.serving.requests import (
     check_latents,
     check_sample_rate,
 )
+from k4serve.serving.steps import ENTRY_POINTS, stage_models
 
 # The buckets from the official formulas: T = seconds * 8 // 4 + 1 latent frames (1 for an image), 4(T-1)+1 pixel
 # frames, the seven sizes of the 512 family, 8x spatial compression.
@@ -170,3 +173,30 @@ def test_cancel_flags_are_per_token_and_refuse_path_like_tokens(tmp_path):
     flags.clear(first)
     assert not flags.is_set(first)
     flags.clear(first)  # clearing twice is harmless
+
+
+def config_tensors(model: str, section: str) -> set[str]:
+    """The tensor names of a config.pbtxt's `input` or `output` block."""
+    text = (REPO_MODEL_REPOSITORY / model / "config.pbtxt").read_text()
+    block = re.search(rf"^{section} \[(.*?)^\]", text, re.S | re.M).group(1)
+    return set(re.findall(r'name: "(\w+)"', block))
+
+
+def is_decoupled(model: str) -> bool:
+    return "decoupled: true" in (REPO_MODEL_REPOSITORY / model / "config.pbtxt").read_text()
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_entry_point_steps_match_the_stage_configs(entry):
+    """Every step names a stage's real inputs and outputs, streams exactly when the stage is decoupled, takes only
+    tensors the request or an earlier step provides, and the entry point's outputs come out of the pipeline."""
+    available = set(config_tensors(entry, "input"))
+    for step in ENTRY_POINTS[entry]:
+        assert set(step.inputs) <= config_tensors(step.model, "input"), step.model
+        assert set(step.outputs) <= config_tensors(step.model, "output"), step.model
+        assert step.streams == is_decoupled(step.model), step.model
+        assert set(step.inputs) <= available, step.model
+        available |= set(step.outputs)
+    assert config_tensors(entry, "output") - {"EVENT"} <= available
+    # The launcher loads an entry point's stages from the `model_name: "..."` comment of its config.
+    assert models_to_load(REPO_MODEL_REPOSITORY, [entry]) == sorted([entry, *stage_models(entry)])

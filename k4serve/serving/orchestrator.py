@@ -1,6 +1,6 @@
 """Entry points as orchestrators over the stage models (Triton BLS): one copy of each stage serves them all.
 
-An entry point declares its pipeline as a tuple of `Step`s; `Orchestrator` runs it for every request:
+An entry point declares its pipeline as a tuple of `Step`s (steps.py); `Orchestrator` runs it for every request:
 admission (a bound per entry point, refusal while the server drains), each step as a BLS request to its stage,
 progress EVENTs when the entry point is decoupled (config `decoupled: true`), cancellation, timings. The
 same class serves the one-response entry point (`t2v`) and the streaming one (`t2v_stream`): only the config's
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+import traceback
 
 import triton_python_backend_utils as pb_utils
 
@@ -30,23 +30,9 @@ from k4serve.serving.backend import (
 )
 from k4serve.serving.control import CANCEL_PARAMETER, Admission, CancelFlags, control_dir, max_queue
 from k4serve.serving.settings import config_parameters
+from k4serve.serving.steps import Step
 
 WATCH_INTERVAL_S = 0.2  # how often the cancellations and deadlines of requests in flight are looked at
-
-
-@dataclass(frozen=True)
-class Step:
-    """One stage call of a pipeline: the tensors it takes and gives, by name (a name means the same tensor in every
-    stage that uses it). An input the request left out (an optional one) is left out of the call too.
-
-    `streams`: the stage is decoupled and sends EVENT responses {"step", "steps"} before its outputs; the entry
-    point forwards them. A stage that answers once is reported as step 0 of 1 before the call and 1 of 1 after.
-    """
-
-    model: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    streams: bool = False
 
 
 def stage_failure(code, message: str) -> Exception:
@@ -152,7 +138,16 @@ class Orchestrator(TritonModel):
         return None
 
     def _serve(self, request) -> None:
-        """Run the pipeline for one admitted request and send its final response (on a thread of its own)."""
+        """Serve one admitted request on a thread of its own; its place is given back however it ends."""
+        finished = None
+        try:
+            finished = self._run(request)
+        finally:
+            self.admission.release(finished)
+            self.in_flight.set(self.admission.in_flight)
+
+    def _run(self, request) -> float | None:
+        """Run the pipeline and send the final response; the seconds it took when it succeeded."""
         sender = request.get_response_sender()
         flight = Flight(request, sender, self.decoupled, self.cancel_flags)
         with self.lock:
@@ -171,14 +166,11 @@ class Orchestrator(TritonModel):
         except Exception as error:  # the request ends with its error; the entry point serves the next
             response = error_response(error)
         finally:
-            with self.lock:
+            with self.lock:  # before the final response: Triton must not be asked about it afterwards
                 self.flights.discard(flight)
             self.cancel_flags.clear(flight.token)
-        try:
-            self._send_final(sender, response)
-        finally:
-            self.admission.release(finished)
-            self.in_flight.set(self.admission.in_flight)
+        self._send_final(sender, response)
+        return finished
 
     def _send_final(self, sender, response: pb_utils.InferenceResponse) -> None:
         if self.decoupled and response.has_error() and response.error().code() == pb_utils.TritonError.CANCELLED:
@@ -237,8 +229,11 @@ class Orchestrator(TritonModel):
         while not self.stop_watching.wait(WATCH_INTERVAL_S):
             with self.lock:  # a request leaves `flights` (under the lock) before its final response
                 for flight in self.flights:
-                    if not flight.flagged and flight.stopped():
-                        flight.flag()
+                    try:
+                        if not flight.flagged and flight.stopped():
+                            flight.flag()
+                    except Exception:  # one request's trouble must not stop the watch over the others
+                        pb_utils.Logger.log_error(traceback.format_exc())
 
     def finalize(self) -> None:
         self.stop_watching.set()

@@ -1,8 +1,9 @@
 """The four T2V stages as Triton models: text_encoder -> dit_sampler -> vae_decoder -> muxer.
 
 One instance of each per GPU serves every entry point (`t2v`, `t2v_stream`: k4serve/serving/entry_points.py).
-Embeddings and latents (a few MB) cross stages as float32 whatever the compute dtype (bf16 -> float32 -> bf16
-is exact); frames stay on the host between vae_decoder and muxer, where the mp4 encoder needs them anyway. Each
+Embeddings and latents (a few MB) cross stages as float32 on the host whatever the compute dtype and device
+(bf16 -> float32 -> bf16 is exact; a few MB copied costs a millisecond, and no GPU buffer has to cross processes
+through BLS); frames stay on the host between vae_decoder and muxer, where the mp4 encoder needs them anyway. Each
 stage checks its inputs against its contract (k4serve/serving/requests.py) before it allocates anything, and
 stops a cancelled request at its next step or chunk.
 """
@@ -75,7 +76,7 @@ class TextEncoderModel(PipelineStage):
     def run(self, request, progress: StageProgress) -> list:
         prompt = decode_prompt(input_bytes(request, "PROMPT"))
         embeddings = self.pipeline.encode_prompt(prompt).float()
-        return [dlpack_tensor("EMBEDDINGS", embeddings)]
+        return [dlpack_tensor("EMBEDDINGS", embeddings.cpu())]
 
 
 class DiTSamplerModel(PipelineStage):
@@ -92,7 +93,7 @@ class DiTSamplerModel(PipelineStage):
         progress.step(0, FLASH_STEPS)
         latents = self.pipeline.sample(embeddings, shape.height, shape.width, shape.seconds, shape.seed, progress.step)
         seed = torch.tensor([shape.seed], dtype=torch.int64)
-        return [dlpack_tensor("LATENTS", latents.float()), dlpack_tensor("SEED_USED", seed)]
+        return [dlpack_tensor("LATENTS", latents.float().cpu()), dlpack_tensor("SEED_USED", seed)]
 
 
 class VaeDecoderModel(PipelineStage):
