@@ -55,11 +55,13 @@ class Flight:
         self.started = time.monotonic()
         self.timeout_s = request.timeout() / 1e6  # the request's own `timeout` field (microseconds), 0 when none
         self.late = False
+        self._asking = threading.Lock()  # one question to Triton at a time (the request's thread, the watcher)
 
     def stopped(self) -> bool:
         """Whether the client cancelled the request (a gRPC deadline counts) or its timeout passed."""
         self.late = self.late or (self.timeout_s > 0 and time.monotonic() - self.started > self.timeout_s)
-        return self.late or self.request.is_cancelled()
+        with self._asking:
+            return self.late or self.request.is_cancelled()
 
     def cancellation(self) -> Cancelled:
         """Why the request was stopped, for its response."""
@@ -81,7 +83,7 @@ class Flight:
 
     def event(self, stage: str, step: int, steps: int) -> None:
         """Send one progress EVENT to a streaming client."""
-        if self.streams:
+        if self.streams and not self.flagged:  # a cancelled stream's client has left
             elapsed = time.monotonic() - self.started
             event = {"stage": stage, "step": step, "steps": steps, "fraction": step / steps, "elapsed": elapsed}
             self.sender.send(event_response(event))
@@ -203,6 +205,7 @@ class Orchestrator(TritonModel):
             flight.event(step.model, 0, 1)
             outputs = self._outputs(step, inference.exec(), flight)
             flight.event(step.model, 1, 1)
+        flight.check()  # a stage stopped by the flag may also have answered with nothing
         missing = [name for name in step.outputs if name not in outputs]
         if missing:
             raise RuntimeError(f"{step.model} returned no {', '.join(missing)}")
