@@ -21,8 +21,10 @@ def device_name() -> str:
     return f"CPU only, {len(os.sched_getaffinity(0))} cores ({model})"
 
 
-def append_table(title: str, command: str, method: str, table: str) -> None:
-    """Append `table` under `## title` with the date, the device, torch's version and the command that measured it."""
-    meta = f"{datetime.date.today()} · {device_name()} · torch {torch.__version__} · `{command}` · {method}"
+def append_table(title: str, command: str, method: str, table: str, device: str | None = None) -> None:
+    """Append `table` under `## title` with the date, the device (default: this GPU, or the CPU), torch's version
+    and the command that measured it."""
+    device = device or device_name()
+    meta = f"{datetime.date.today()} · {device} · torch {torch.__version__} · `{command}` · {method}"
     with RESULTS.open("a") as out:
         out.write(f"\n## {title}\n{meta}\n\n{table}\n")

@@ -27,7 +27,7 @@ from k4serve.serving.launcher import (
 from k4serve.serving.requests import VideoShape, decode_prompt
 from k4serve.serving.settings import instance_device, pipeline_options, stage_device
 
-GPU_STAGES = ("text_encoder", "dit_sampler", "vae_decoder", "t2v_stream")
+GPU_STAGES = ("text_encoder", "dit_sampler", "vae_decoder")
 
 
 @pytest.mark.parametrize("device_id", [0, 1, 2, 3])
@@ -107,7 +107,7 @@ def test_gpus_pin_every_gpu_stage_and_leave_the_muxer_on_the_cpu(tmp_path):
         assert "instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 1, 3 ] } ]" in text, model
     muxer = (repository / "muxer" / "config.pbtxt").read_text()
     assert muxer == (REPO_MODEL_REPOSITORY / "muxer" / "config.pbtxt").read_text()
-    assert (repository / "t2v" / "1").is_dir()  # the ensemble's (empty) version directory is copied too
+    assert (repository / "t2v" / "1").is_dir()  # the entry point's version directory is copied too
 
 
 def test_gpus_none_puts_every_stage_on_the_cpu_and_no_flag_changes_nothing():
@@ -138,7 +138,7 @@ def test_serve_flags_become_k4serve_environment(tmp_path):
     assert stage_env(parser.parse_args([])) == {}
 
 
-def test_an_ensemble_brings_its_stages_and_unknown_models_are_named():
+def test_an_entry_point_brings_its_stages_and_unknown_models_are_named():
     assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v"]) == [
         "dit_sampler",
         "muxer",
@@ -146,7 +146,13 @@ def test_an_ensemble_brings_its_stages_and_unknown_models_are_named():
         "text_encoder",
         "vae_decoder",
     ]
-    assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v_stream"]) == ["t2v_stream"]
+    assert models_to_load(REPO_MODEL_REPOSITORY, ["t2v_stream"]) == [
+        "dit_sampler",
+        "muxer",
+        "t2v_stream",
+        "text_encoder",
+        "vae_decoder",
+    ]
     with pytest.raises(ValueError, match="no model t2a in .*; choose from dit_sampler, muxer, t2v, t2v_stream"):
         models_to_load(REPO_MODEL_REPOSITORY, ["t2a"])
 

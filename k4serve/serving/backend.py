@@ -1,4 +1,5 @@
-"""Triton Python-backend plumbing shared by every k4serve model: tensors in and out, errors, metrics.
+"""Triton Python-backend plumbing shared by every k4serve model: tensors in and out, errors, metrics, the stage
+loop with its progress events and cancellation checks.
 
 Importable only inside Triton's Python stub (it provides `triton_python_backend_utils`). Numeric tensors move by
 DLPack (zero-copy, on whatever device Triton hands them over); BYTES tensors have no DLPack form and go through
@@ -17,6 +18,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from k4serve.pipelines.t2v import RequestError
+from k4serve.serving.control import CANCEL_PARAMETER, CancelFlags, control_dir
 from k4serve.serving.settings import stage_device
 
 # Seconds; spans a tiny-preset CPU stage (tens of ms) to a 12 s video's DiT on one GPU.
@@ -76,15 +78,52 @@ def dlpack_tensor(name: str, value: torch.Tensor | np.ndarray) -> pb_utils.Tenso
     return pb_utils.Tensor.from_dlpack(name, value)
 
 
+class Cancelled(Exception):
+    """The client cancelled the request, its deadline passed, or its entry point flagged it."""
+
+
+class StageFailure(Exception):
+    """A stage answered a request with an error: its Triton code and message travel on unchanged."""
+
+    def __init__(self, code, message: str):  # code: a pb_utils.TritonError code
+        super().__init__(message)
+        self.code = code
+
+
+class Refused(Exception):
+    """An entry point cannot take the request now (bound reached, draining): UNAVAILABLE, the message says when."""
+
+
 def error_response(error: Exception) -> pb_utils.InferenceResponse:
-    """INVALID_ARGUMENT for bad input (the message says what is allowed), INTERNAL otherwise."""
+    """The response for a failed request: INVALID_ARGUMENT for bad input (the message says what is allowed),
+    UNAVAILABLE for a refusal, CANCELLED, a stage's own code, else INTERNAL (logged with its traceback)."""
     if isinstance(error, RequestError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
-    pb_utils.Logger.log_error(traceback.format_exc())
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(error).__name__}: {error}"))
+        code = pb_utils.TritonError.INVALID_ARG
+    elif isinstance(error, Refused):
+        code = pb_utils.TritonError.UNAVAILABLE
+    elif isinstance(error, Cancelled):
+        code, error = pb_utils.TritonError.CANCELLED, str(error) or "request cancelled by its client (or its deadline)"
+    elif isinstance(error, StageFailure):
+        code = error.code
+    else:
+        pb_utils.Logger.log_error(traceback.format_exc())
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(error).__name__}: {error}"))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
 
 
-class StageMetrics:
+def cancel_token(request) -> str | None:
+    """The token an entry point gave this request (None when a client called the stage itself)."""
+    token = json.loads(request.parameters() or "{}").get(CANCEL_PARAMETER)
+    return None if token is None else str(token)
+
+
+def weights_bytes(modules) -> int:
+    """Bytes of the parameters and buffers of `modules` (None entries skipped)."""
+    tensors = [t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ModelMetrics:
     """Prometheus series of one model instance, served on Triton's metrics endpoint beside nv_inference_*.
 
     A series lives as long as its Python family object, so the families are kept on the instance.
@@ -92,23 +131,31 @@ class StageMetrics:
 
     def __init__(self, model: str, instance: str, device: str):
         self.model = model
-        self.durations = pb_utils.MetricFamily(
+        family = pb_utils.MetricFamily
+        self.durations = family(
             name="k4serve_stage_duration_seconds",
-            description="Wall time of one request in one k4serve stage",
-            kind=pb_utils.MetricFamily.HISTOGRAM,
+            description="Wall time of one request in one k4serve stage (as an entry point sees it: with queueing)",
+            kind=family.HISTOGRAM,
         )
-        self.cancelled = pb_utils.MetricFamily(
+        self.cancelled = family(
             name="k4serve_requests_cancelled_total",
-            description="Requests stopped because the client cancelled them",
-            kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests stopped because the client cancelled them or their deadline passed",
+            kind=family.COUNTER,
         )
-        self.placement = pb_utils.MetricFamily(
+        self.placement = family(
             name="k4serve_instance_info",
             description="1 per model instance, labelled with the torch device it runs on",
-            kind=pb_utils.MetricFamily.GAUGE,
+            kind=family.GAUGE,
         )
-        self.info = self.placement.Metric(labels={"model": model, "instance": instance, "device": device})
+        self.weights = family(
+            name="k4serve_weights_bytes",
+            description="Bytes of model weights (parameters and buffers) one model instance holds",
+            kind=family.GAUGE,
+        )
+        labels = {"model": model, "instance": instance, "device": device}
+        self.info = self.placement.Metric(labels=labels)
         self.info.set(1)
+        self._weights = self.weights.Metric(labels={"model": model, "instance": instance})
         self._stages: dict[str, object] = {}
         self._cancelled = self.cancelled.Metric(labels={"model": model})
 
@@ -120,46 +167,110 @@ class StageMetrics:
         self._stages[stage].observe(seconds)
 
     def count_cancelled(self) -> None:
-        """Record one request stopped by its client."""
+        """Record one request stopped before it finished."""
         self._cancelled.increment(1)
 
+    def set_weights(self, nbytes: int) -> None:
+        """Record the bytes of weights this instance holds."""
+        self._weights.set(nbytes)
 
-class StageModel:
-    """A Triton model around one stage: `setup` builds it once, `run` turns one request into its outputs.
 
-    Subclasses set `stage`, implement `run(request) -> list[pb_utils.Tensor]` and, if they hold models, `setup`.
-    """
+class TritonModel:
+    """What every k4serve model does at load: parse the config, pick the device, start its metrics, `setup`."""
 
-    stage = ""
-    uses_device = True  # False: a host-only stage (the muxer) that ignores the instance's device
+    uses_device = True  # False: a host-only model (muxer, entry points) that ignores the instance's device
 
     def initialize(self, args: Mapping[str, str]) -> None:
         check_numpy()
         self.model_config = json.loads(args["model_config"])
+        self.name = args["model_name"]
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
         self.device = stage_device(args) if self.uses_device else "cpu"
         if torch.device(self.device).index is not None:  # cuda:N ("cuda" alone already means the current GPU)
             # The stub process works on this instance's GPU alone: make it current, or torch's DLPack export of an
             # output (and Triton kernels, CUDA graphs) would look for it on GPU 0.
             torch.cuda.set_device(self.device)
-        self.metrics = StageMetrics(args["model_name"], args["model_instance_name"], self.device)
+        self.metrics = ModelMetrics(self.name, args["model_instance_name"], self.device)
+        self.cancel_flags = CancelFlags(control_dir())
         self.setup()
-        pb_utils.Logger.log_info(f"k4serve {args['model_instance_name']}: {self.stage} ready on {self.device}")
+        self.metrics.set_weights(weights_bytes(self.held_modules()))
+        pb_utils.Logger.log_info(f"k4serve {args['model_instance_name']}: {self.name} ready on {self.device}")
 
     def setup(self) -> None:
-        """Build what the stage needs, once per instance (self.model_config and self.device are set)."""
+        """Build what the model needs, once per instance (self.model_config and self.device are set)."""
 
-    def run(self, request) -> list:
+    def held_modules(self) -> list:
+        """The torch modules whose weights this instance holds (for k4serve_weights_bytes)."""
+        return []
+
+
+class StageProgress:
+    """One stage request's steps: a progress EVENT per step (decoupled stages) and a cancellation check."""
+
+    def __init__(self, request, sender, flags: CancelFlags):
+        self.request = request
+        self.sender = sender  # None: a stage that answers once
+        self.flags = flags
+        self.token = cancel_token(request)
+
+    def check(self) -> None:
+        """Raise Cancelled if the client cancelled this request or its entry point flagged it."""
+        if self.flags.is_set(self.token) or self.request.is_cancelled():
+            raise Cancelled
+
+    def step(self, done: int, steps: int) -> None:
+        """Stop here if cancelled, else report `done` of `steps` (0: the stage starts)."""
+        self.check()
+        if self.sender is not None:
+            self.sender.send(event_response({"step": done, "steps": steps}))
+
+
+def event_response(event: dict) -> pb_utils.InferenceResponse:
+    """A response carrying one EVENT (JSON)."""
+    return pb_utils.InferenceResponse(output_tensors=[bytes_tensor("EVENT", json.dumps(event))])
+
+
+class StageModel(TritonModel):
+    """A Triton model around one stage: `setup` builds it once, `run` turns one request into its outputs.
+
+    Subclasses set `stage`, implement `run(request, progress) -> list[pb_utils.Tensor]` (calling progress.step at
+    each step or chunk) and, if they hold models, `setup`. A decoupled stage (config: decoupled: true) sends an
+    EVENT response {"step", "steps"} per step, then its outputs; either kind stops at the next step once cancelled.
+    """
+
+    stage = ""
+
+    def run(self, request, progress: StageProgress) -> list:
         raise NotImplementedError
 
-    def execute(self, requests: list) -> list:
+    def execute(self, requests: list) -> list | None:
         responses = []
         for request in requests:
-            started = time.perf_counter()
-            try:
-                outputs = self.run(request)
-            except Exception as error:  # one bad request must not fail the others of the batch
-                responses.append(error_response(error))
-                continue
-            self.metrics.observe(self.stage, time.perf_counter() - started)
-            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
-        return responses
+            sender = request.get_response_sender() if self.decoupled else None
+            progress = StageProgress(request, sender, self.cancel_flags)
+            response = self._respond(request, progress)
+            if sender is None:
+                responses.append(response)
+            elif response.has_error() and progress.token is not None:
+                # Called by an entry point (BLS). Triton 2.51 loses a decoupled model's error response on its way
+                # to a BLS caller: with the final flag the caller hangs, without it the lost response keeps the
+                # caller's model from ever unloading. So the error travels as the last EVENT {"error", "code"}.
+                error = response.error()
+                event = event_response({"error": error.message(), "code": error.code().name})
+                sender.send(event, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:  # a gRPC client of the stage itself gets the error response
+                sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return responses if not self.decoupled else None
+
+    def _respond(self, request, progress: StageProgress) -> pb_utils.InferenceResponse:
+        started = time.perf_counter()
+        try:  # one bad request must not fail the others of the batch
+            progress.check()  # a request cancelled while it queued costs nothing
+            outputs = self.run(request, progress)
+        except Cancelled as error:
+            self.metrics.count_cancelled()
+            return error_response(error)
+        except Exception as error:
+            return error_response(error)
+        self.metrics.observe(self.stage, time.perf_counter() - started)
+        return pb_utils.InferenceResponse(output_tensors=outputs)

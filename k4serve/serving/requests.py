@@ -1,10 +1,36 @@
-"""Request values as they arrive over the wire -> checked Python values; every refusal names what is allowed."""
+"""Request values as they arrive over the wire -> checked Python values; every refusal names what is allowed.
+
+The stage contracts live here too: what each stage's tensors may be (the supported buckets, dtypes, finite
+values), checked on shapes first and on values second, before a stage allocates anything of its own. A request
+that breaks one gets RequestError (INVALID_ARGUMENT) naming the allowed values, whichever entry point sent it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from k4serve.pipelines.t2v import SUPPORTED_SIZES, RequestError, resolve_seed, validate_request
+import torch
+
+from k4serve.models.t5 import MAX_TOKENS
+from k4serve.pipelines.t2v import (
+    LATENT_CHANNELS,
+    MAX_SECONDS,
+    SUPPORTED_SIZES,
+    RequestError,
+    num_frames,
+    num_latent_frames,
+    resolve_seed,
+    validate_request,
+)
+from k4serve.pipelines.video_io import FPS
+
+SPATIAL_COMPRESSION = 8  # pixels per latent cell along H and W (CogVideoX VAE)
+LATENT_FRAME_COUNTS = tuple(num_latent_frames(s) for s in range(MAX_SECONDS + 1))  # 1, 3, 5, ..., 25
+FRAME_COUNTS = tuple(num_frames(s) for s in range(MAX_SECONDS + 1))  # 1, 9, 17, ..., 97
+LATENT_SIZES = tuple((h // SPATIAL_COMPRESSION, w // SPATIAL_COMPRESSION) for h, w in SUPPORTED_SIZES)
+SAMPLE_RATES = (16000, 22050, 24000, 32000, 44100, 48000)  # V2A writes 44.1 kHz; the others are common rates
+MAX_AUDIO_SECONDS = MAX_SECONDS + 1  # a 97-frame video lasts 12.125 s at 8 fps
 
 # validate_request checks a whole request; a stage that sees only part of it fills the rest with a value
 # known to pass, so each check lives in one place (the pipeline).
@@ -41,3 +67,82 @@ class VideoShape:
         shape = cls(height, width, seconds, resolve_seed(seed))
         validate_request(_VALID_PROMPT, height, width, seconds, shape.seed)
         return shape
+
+
+def _sizes(sizes: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sizes)
+
+
+def _counts(counts: Sequence[int]) -> str:
+    shown = [*map(str, counts[:3]), "...", str(counts[-1])] if len(counts) > 4 else map(str, counts)
+    return ", ".join(shown)
+
+
+def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse a tensor of another dtype (Triton checks the wire type; this guards in-process callers too)."""
+    if tensor.dtype != dtype:
+        wire = {torch.float32: "FP32", torch.uint8: "UINT8", torch.int32: "INT32", torch.int64: "INT64"}[dtype]
+        raise RequestError(f"{name} must be {wire}, got {str(tensor.dtype).removeprefix('torch.')}")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN or infinite values, which would come out as a NaN latent or a black video."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise RequestError(f"{name} holds {bad} NaN or infinite values: send finite numbers")
+
+
+def check_embeddings(embeddings: torch.Tensor, text_dim: int) -> None:
+    """EMBEDDINGS: float32 [224, text_dim], finite (the text encoder's last hidden state)."""
+    check_dtype("EMBEDDINGS", embeddings, torch.float32)
+    if list(embeddings.shape) != [MAX_TOKENS, text_dim]:
+        raise RequestError(
+            f"EMBEDDINGS must be [{MAX_TOKENS}, {text_dim}] (the text_encoder's output), got {list(embeddings.shape)}"
+        )
+    check_finite("EMBEDDINGS", embeddings)
+
+
+def check_latents(latents: torch.Tensor) -> None:
+    """LATENTS: float32 [T, H/8, W/8, 16] of a supported size and duration (T = 1 or 2 * seconds + 1), finite."""
+    check_dtype("LATENTS", latents, torch.float32)
+    shape = list(latents.shape)
+    if (
+        len(shape) != 4
+        or shape[0] not in LATENT_FRAME_COUNTS
+        or tuple(shape[1:3]) not in LATENT_SIZES
+        or shape[3] != LATENT_CHANNELS
+    ):
+        raise RequestError(
+            f"LATENTS must be [T, H/8, W/8, {LATENT_CHANNELS}] with T one of {_counts(LATENT_FRAME_COUNTS)} "
+            f"(2 x seconds + 1, or 1 for an image) and H/8 x W/8 one of {_sizes(LATENT_SIZES)}; got {shape}"
+        )
+    check_finite("LATENTS", latents)
+
+
+def check_frames(frames: torch.Tensor) -> None:
+    """FRAMES: uint8 [F, H, W, 3] of a supported size and frame count (F = 8 * seconds + 1, or 1)."""
+    check_dtype("FRAMES", frames, torch.uint8)
+    shape = list(frames.shape)
+    if len(shape) != 4 or shape[0] not in FRAME_COUNTS or tuple(shape[1:3]) not in SUPPORTED_SIZES or shape[3] != 3:
+        raise RequestError(
+            f"FRAMES must be RGB [F, H, W, 3] with F one of {_counts(FRAME_COUNTS)} (8 x seconds + 1 at {FPS} fps, "
+            f"or 1) and H x W one of {_sizes(SUPPORTED_SIZES)}; got {shape}"
+        )
+
+
+def check_sample_rate(sample_rate: int) -> None:
+    """SAMPLE_RATE: one of the allowed rates (Hz)."""
+    if sample_rate not in SAMPLE_RATES:
+        raise RequestError(f"SAMPLE_RATE must be one of {', '.join(map(str, SAMPLE_RATES))} Hz, got {sample_rate}")
+
+
+def check_audio(audio: torch.Tensor, sample_rate: int) -> None:
+    """AUDIO: mono float32 [N], 1 <= N <= 13 s at `sample_rate` (already checked), finite."""
+    check_dtype("AUDIO", audio, torch.float32)
+    longest = MAX_AUDIO_SECONDS * sample_rate
+    if audio.dim() != 1 or not 1 <= audio.shape[0] <= longest:
+        raise RequestError(
+            f"AUDIO must be mono samples [N] with 1 <= N <= {longest} ({MAX_AUDIO_SECONDS} s at {sample_rate} Hz), "
+            f"got {list(audio.shape)}"
+        )
+    check_finite("AUDIO", audio)

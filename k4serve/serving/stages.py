@@ -1,25 +1,51 @@
-"""The four T2V stages as Triton models: text_encoder -> dit_sampler -> vae_decoder -> muxer (the `t2v` ensemble).
+"""The four T2V stages as Triton models: text_encoder -> dit_sampler -> vae_decoder -> muxer.
 
-Embeddings and latents (a few MB) cross stages as float32 whatever the compute dtype (bf16 -> float32 -> bf16
-is exact); frames stay inside vae_decoder -> muxer on the host, where the mp4 encoder needs them anyway.
+One instance of each per GPU serves every entry point (`t2v`, `t2v_stream`: k4serve/serving/entry_points.py).
+Embeddings and latents (a few MB) cross stages as float32 on the host whatever the compute dtype and device
+(bf16 -> float32 -> bf16 is exact; a few MB copied costs a millisecond, and no GPU buffer has to cross processes
+through BLS); frames stay on the host between vae_decoder and muxer, where the mp4 encoder needs them anyway. Each
+stage checks its inputs against its contract (k4serve/serving/requests.py) before it allocates anything, and
+stops a cancelled request at its next step or chunk.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from k4serve.pipelines.t2v import LATENT_CHANNELS, PipelineSettings, RequestError, T2VPipeline
+from k4serve.models.cogvideox_vae import latent_chunks
+from k4serve.models.schedulers import FLASH_STEPS
+from k4serve.pipelines.t2v import PipelineSettings, RequestError, T2VPipeline
 from k4serve.pipelines.video_io import DEFAULT_MP4_PRESET, FPS, SAMPLE_RATE, encode_mp4, mp4_settings
 from k4serve.serving.backend import (
     StageModel,
+    StageProgress,
     bytes_tensor,
     dlpack_tensor,
     input_bytes,
     input_int,
     input_torch,
 )
-from k4serve.serving.requests import VideoShape, decode_prompt
+from k4serve.serving.requests import (
+    VideoShape,
+    check_audio,
+    check_embeddings,
+    check_frames,
+    check_latents,
+    check_sample_rate,
+    decode_prompt,
+)
 from k4serve.serving.settings import pipeline_options
+
+
+def video_shape(request) -> VideoShape:
+    """HEIGHT, WIDTH, SECONDS, SEED (optional) of a request, checked."""
+    return VideoShape.checked(
+        input_int(request, "HEIGHT"),
+        input_int(request, "WIDTH"),
+        input_int(request, "SECONDS"),
+        input_int(request, "SEED", required=False),
+    )
 
 
 class PipelineStage(StageModel):
@@ -30,6 +56,10 @@ class PipelineStage(StageModel):
     def setup(self) -> None:
         settings = PipelineSettings(device=self.device, **pipeline_options(self.model_config))
         self.pipeline = T2VPipeline.from_settings(settings, components=self.components)
+
+    def held_modules(self) -> list:
+        encoder = self.pipeline.text_encoder
+        return [encoder.encoder if encoder is not None else None, self.pipeline.dit, self.pipeline.vae]
 
     def finalize(self) -> None:
         self.pipeline = None
@@ -43,45 +73,45 @@ class TextEncoderModel(PipelineStage):
     stage = "text_encoder"
     components = ("text_encoder",)
 
-    def run(self, request) -> list:
+    def run(self, request, progress: StageProgress) -> list:
         prompt = decode_prompt(input_bytes(request, "PROMPT"))
         embeddings = self.pipeline.encode_prompt(prompt).float()
-        return [dlpack_tensor("EMBEDDINGS", embeddings)]
+        return [dlpack_tensor("EMBEDDINGS", embeddings.cpu())]
 
 
 class DiTSamplerModel(PipelineStage):
-    """EMBEDDINGS, HEIGHT, WIDTH, SECONDS, SEED (optional) -> LATENTS float32 [T, H/8, W/8, 16], SEED_USED."""
+    """EMBEDDINGS, HEIGHT, WIDTH, SECONDS, SEED (optional) -> EVENT per Flash step, then LATENTS float32
+    [T, H/8, W/8, 16] and SEED_USED."""
 
     stage = "dit_sampler"
     components = ("dit",)
 
-    def run(self, request) -> list:
-        shape = VideoShape.checked(
-            input_int(request, "HEIGHT"),
-            input_int(request, "WIDTH"),
-            input_int(request, "SECONDS"),
-            input_int(request, "SEED", required=False),
-        )
+    def run(self, request, progress: StageProgress) -> list:
+        shape = video_shape(request)
         embeddings = input_torch(request, "EMBEDDINGS")
-        text_dim = self.pipeline.dit.config.in_text_dim
-        if embeddings.dim() != 2 or embeddings.shape[1] != text_dim:
-            raise RequestError(f"EMBEDDINGS must be [tokens, {text_dim}], got {list(embeddings.shape)}")
-        latents = self.pipeline.sample(embeddings, shape.height, shape.width, shape.seconds, shape.seed)
+        check_embeddings(embeddings, self.pipeline.dit.config.in_text_dim)
+        progress.step(0, FLASH_STEPS)
+        latents = self.pipeline.sample(embeddings, shape.height, shape.width, shape.seconds, shape.seed, progress.step)
         seed = torch.tensor([shape.seed], dtype=torch.int64)
-        return [dlpack_tensor("LATENTS", latents.float()), dlpack_tensor("SEED_USED", seed)]
+        return [dlpack_tensor("LATENTS", latents.float().cpu()), dlpack_tensor("SEED_USED", seed)]
 
 
 class VaeDecoderModel(PipelineStage):
-    """LATENTS float32 [T, H/8, W/8, 16] -> FRAMES uint8 [4(T-1)+1, H, W, 3] on the host."""
+    """LATENTS float32 [T, H/8, W/8, 16] -> EVENT per temporal chunk, then FRAMES uint8 [4(T-1)+1, H, W, 3]."""
 
     stage = "vae_decoder"
     components = ("vae",)
 
-    def run(self, request) -> list:
+    def run(self, request, progress: StageProgress) -> list:
         latents = input_torch(request, "LATENTS")
-        if latents.dim() != 4 or latents.shape[-1] != LATENT_CHANNELS:
-            raise RequestError(f"LATENTS must be [T, H/8, W/8, {LATENT_CHANNELS}], got {list(latents.shape)}")
-        return [dlpack_tensor("FRAMES", self.pipeline.decode(latents))]
+        check_latents(latents)
+        chunks = len(latent_chunks(latents.shape[0]))
+        progress.step(0, chunks)
+        frames = []
+        for done, chunk in enumerate(self.pipeline.decode_chunks(latents), 1):
+            frames.append(chunk)
+            progress.step(done, chunks)
+        return [dlpack_tensor("FRAMES", np.concatenate(frames))]
 
 
 class MuxerModel(StageModel):
@@ -93,11 +123,18 @@ class MuxerModel(StageModel):
     def setup(self) -> None:
         self.x264 = mp4_settings(pipeline_options(self.model_config).get("mp4_preset") or DEFAULT_MP4_PRESET)
 
-    def run(self, request) -> list:
-        frames = input_torch(request, "FRAMES").cpu().numpy()
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise RequestError(f"FRAMES must be uint8 [F, H, W, 3], got {list(frames.shape)}")
+    def run(self, request, progress: StageProgress) -> list:
+        frames = input_torch(request, "FRAMES")
+        check_frames(frames)
         audio = input_torch(request, "AUDIO", required=False)
-        sample_rate = input_int(request, "SAMPLE_RATE", required=False) or SAMPLE_RATE
-        mp4 = encode_mp4(frames, FPS, None if audio is None else audio.cpu().numpy(), sample_rate, self.x264)
+        sample_rate = input_int(request, "SAMPLE_RATE", required=False)
+        if audio is None and sample_rate is not None:
+            raise RequestError("SAMPLE_RATE was sent without AUDIO: send both, or neither for a silent video")
+        if audio is not None:
+            sample_rate = SAMPLE_RATE if sample_rate is None else sample_rate
+            check_sample_rate(sample_rate)
+            check_audio(audio, sample_rate)
+            audio = audio.cpu().numpy()
+        progress.check()
+        mp4 = encode_mp4(frames.cpu().numpy(), FPS, audio, sample_rate or SAMPLE_RATE, x264=self.x264)
         return [bytes_tensor("MP4", mp4)]

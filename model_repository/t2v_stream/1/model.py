@@ -1,5 +1,5 @@
-"""Triton entry point of `t2v_stream`; the logic lives in k4serve.serving.stream.T2VStreamModel."""
+"""Triton entry point of `t2v_stream`; the logic lives in k4serve.serving.entry_points.T2VModel."""
 
-from k4serve.serving.stream import T2VStreamModel as TritonPythonModel
+from k4serve.serving.entry_points import T2VModel as TritonPythonModel
 
 __all__ = ["TritonPythonModel"]

@@ -1,0 +1,5 @@
+"""Triton entry point of `t2v`; the logic lives in k4serve.serving.entry_points.T2VModel."""
+
+from k4serve.serving.entry_points import T2VModel as TritonPythonModel
+
+__all__ = ["TritonPythonModel"]

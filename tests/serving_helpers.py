@@ -1,0 +1,39 @@
+"""What several server test modules share: the request they send, Triton's metrics as numbers, waiting."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+SIZE = (384, 672)
+PROMPT = "a red fox runs through fresh snow"
+TIMEOUT_S = 240  # per request: bounds every wait; the tiny preset needs a few seconds
+
+
+def metrics(server) -> dict[tuple[str, frozenset], float]:
+    """Triton's Prometheus endpoint as {(name, labels): value}."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def in_flight(server, model: str) -> float:
+    """k4serve_requests_in_flight of an entry point now."""
+    return metric(metrics(server), "k4serve_requests_in_flight", model=model)
+
+
+def wait_for(condition, what: str, timeout_s: float = TIMEOUT_S, interval_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(interval_s)
