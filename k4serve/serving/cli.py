@@ -47,6 +47,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a Triton install's tritonserver (NVIDIA's container: /opt/tritonserver/bin/tritonserver); "
         "default: the one of the nvidia-pytriton wheel",
     )  # fmt: skip
+    parser.add_argument(
+        "--triton-option", action="append", default=[], metavar="OPTION", dest="triton_args",
+        help="one more tritonserver option, e.g. --triton-option=--log-format=ISO8601 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds SIGTERM waits for requests")
     parser.add_argument("--log-file", type=Path, default=None, help="write tritonserver's log here, not to stdout")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
@@ -84,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log_verbose=args.log_verbose,
         tritonserver=args.tritonserver,
         drain_timeout_s=args.drain_timeout,
+        triton_args=args.triton_args,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     server = TritonServer(options).start()

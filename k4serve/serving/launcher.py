@@ -192,6 +192,7 @@ class ServerOptions:
     drain_timeout_s: float = 120.0  # how long stop() waits for requests in flight
     exit_timeout_s: int = 30  # tritonserver's own --exit-timeout-secs, once nothing is in flight
     max_body_bytes: int = 256 * 2**20  # largest HTTP request body the front accepts
+    triton_args: list[str] = field(default_factory=list)  # more tritonserver options, appended as given
 
 
 class TritonServer:
@@ -267,6 +268,7 @@ class TritonServer:
             # Explicit control: the supervisor reloads a stage that died; the drain unloads models in order.
             "--model-control-mode=explicit",
             *(f"--load-model={model}" for model in models),
+            *o.triton_args,
         ]
 
     def start(self) -> TritonServer:
