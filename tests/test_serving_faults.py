@@ -10,6 +10,7 @@ and promptly with /dev/shm clean. Written against the client protocol only (gRPC
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,12 +51,12 @@ STOP_AFTER_LAST_REQUEST_S = 30.0  # the server is gone this long after the last 
 class Serve:
     """A `k4serve serve` subprocess and its addresses."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, *extra: str):
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.log, self.stderr = tmp / "tritonserver.log", tmp / "serve.stderr"
         command = [sys.executable, "-m", "k4serve.cli", "serve", "--grpc-port", str(self.grpc_port)]
         command += ["--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port)]
-        command += ["--log-file", str(self.log), "--drain-timeout", str(TIMEOUT_S)]
+        command += ["--log-file", str(self.log), "--drain-timeout", str(TIMEOUT_S), *extra]
         with open(self.stderr, "wb") as stderr:
             self.process = subprocess.Popen(command, env={**os.environ, **ENV}, stdout=stderr, stderr=stderr)
         self.prefix = region_prefix(self.process.pid, self.grpc_port)
@@ -121,9 +122,9 @@ def stale_regions():
         path.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="module")
-def serve(stale_regions, tmp_path_factory):
-    server = Serve(tmp_path_factory.mktemp("serve"))
+@contextlib.contextmanager
+def running(server: Serve):
+    """`server`, once ready; stopped (SIGTERM) on the way out if still running."""
     try:
         wait_for(lambda: server.ready() or server.process.poll() is not None, "the server to be ready", every_s=0.5)
         assert server.process.poll() is None, server.output()[-3000:]
@@ -132,6 +133,12 @@ def serve(stale_regions, tmp_path_factory):
         if server.process.poll() is None:
             server.process.send_signal(signal.SIGTERM)
             server.process.wait(timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def serve(stale_regions, tmp_path_factory):
+    with running(Serve(tmp_path_factory.mktemp("serve"))) as server:
+        yield server
 
 
 def huge_shape_request(dimension: int) -> bytes:
@@ -205,6 +212,63 @@ def test_shared_memory_and_model_control_are_closed_to_clients(serve):
         with pytest.raises(InferenceServerException, match="This protocol is restricted"):
             call()
     assert client.is_model_ready("muxer")
+
+
+@pytest.mark.parametrize("ending", ["tritonserver killed", "Ctrl-C"])
+def test_shared_memory_is_removed_however_the_server_ends(tmp_path, ending):
+    with running(Serve(tmp_path, "--models", "muxer")) as server:  # one small model: a quick start
+        assert len(regions(server.prefix)) == 1
+        if ending == "Ctrl-C":
+            server.process.send_signal(signal.SIGINT)
+        else:
+            os.kill(server.tritonserver_pid(), signal.SIGKILL)
+        code = server.process.wait(timeout=TIMEOUT_S)
+    assert (code == 0) == (ending == "Ctrl-C"), server.output()[-3000:]
+    assert regions(server.prefix) == []
+
+
+def has_children(pid: int) -> bool:
+    """Whether process `pid` has started a child (the muxer's ffmpeg)."""
+    return any(path.read_text().strip() for path in Path(f"/proc/{pid}/task").glob("*/children"))
+
+
+def muxer_inputs(frames: np.ndarray) -> list:
+    tensor = grpcclient.InferInput("FRAMES", list(frames.shape), "UINT8")
+    tensor.set_data_from_numpy(frames)
+    return [tensor]
+
+
+def test_stage_killed_under_a_request_is_reloaded_and_the_server_still_stops_clean(tmp_path):
+    """Triton 2.51 never releases a model version whose stub died mid-request; the stop must not wait for it."""
+    with running(Serve(tmp_path, "--models", "muxer")) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        frames = np.random.default_rng(0).integers(0, 256, (num_frames(12), *SIZE, 3), dtype=np.uint8)
+        outcome: list = []
+
+        def encode() -> None:
+            try:
+                outcome.append(client.infer("muxer", muxer_inputs(frames), client_timeout=TIMEOUT_S))
+            except InferenceServerException as error:
+                outcome.append(error)
+
+        request = threading.Thread(target=encode)
+        request.start()
+        (stub,) = stub_processes(server.tritonserver_pid())
+        # Executing: the stub's ffmpeg encodes the 97 noise frames (seconds on this host).
+        wait_for(lambda: has_children(stub.pid), "the muxer to start encoding")
+        os.kill(stub.pid, signal.SIGKILL)
+        request.join(timeout=TIMEOUT_S)
+        assert isinstance(outcome[0], InferenceServerException)  # that request is lost with its process
+        wait_for(lambda: not server.ready(), "readiness to turn false", timeout_s=DETECT_S)
+        wait_for(server.ready, "the muxer to be reloaded", every_s=0.2)
+        result = client.infer("muxer", muxer_inputs(frames[:1]), client_timeout=TIMEOUT_S)
+        assert decode_mp4(result.as_numpy("MP4")[0])[0].shape == (1, *SIZE, 3)
+        server.process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        code = server.process.wait(timeout=TIMEOUT_S)
+    output = server.output()
+    assert code == 0 and time.monotonic() - interrupted < STOP_AFTER_LAST_REQUEST_S, output[-3000:]
+    assert "Exit timeout expired" not in output and regions(server.prefix) == []
 
 
 def test_killed_stage_makes_readiness_false_then_is_reloaded_and_serves(serve):

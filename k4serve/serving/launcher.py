@@ -212,6 +212,7 @@ class TritonServer:
         self.front: HttpFront | None = None
         self.models: list[str] = []
         self.repository: Path = options.model_repository.resolve()
+        self.stuck: set[str] = set()  # models whose stub died while the drain unloaded them: never released
         self.stop_requested = threading.Event()  # set by a signal handler: leave wait_ready, then stop()
         self._workdir: tempfile.TemporaryDirectory | None = None
         self._log_file = None
@@ -296,6 +297,18 @@ class TritonServer:
         command = self.command(backends, repository)
         self.models = models_to_load(repository, self.options.models)
         self.repository = repository
+        # The front first: a taken HTTP port fails here, before tritonserver runs. Until the supervisor exists it
+        # answers not ready.
+        self.front = HttpFront(
+            self.options.host,
+            self.options.http_port,
+            ("127.0.0.1", self.triton_http_port),
+            self.key,
+            ready=lambda: self.supervisor is not None and self.supervisor.ready(),
+            live=lambda: self.supervisor is not None and self.supervisor.live(),
+            draining=lambda: self.supervisor is not None and self.supervisor.draining,
+            max_body_bytes=self.options.max_body_bytes,
+        ).start()
         output = None
         if self.options.log is not None:
             self._log_file = output = open(self.options.log, "ab")  # closed in stop()
@@ -307,16 +320,6 @@ class TritonServer:
             start_new_session=True,  # a terminal's Ctrl-C reaches us; we drain once
         )
         self.supervisor = Supervisor(self.process, self.api, self.models, self.region_prefix)
-        self.front = HttpFront(
-            self.options.host,
-            self.options.http_port,
-            ("127.0.0.1", self.triton_http_port),
-            self.key,
-            ready=self.supervisor.ready,
-            live=self.supervisor.live,
-            draining=lambda: self.supervisor.draining,
-            max_body_bytes=self.options.max_body_bytes,
-        ).start()
         return self
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
@@ -359,7 +362,7 @@ class TritonServer:
         if done:
             log.warning("k4serve: drained in %.1f s", time.monotonic() - started)
         else:
-            log.error("k4serve: drain timeout; %s request(s) still counted in flight", in_flight)
+            log.error("k4serve: drain timeout: stopping with %s request(s) still counted in flight", in_flight)
         return done
 
     def _in_flight(self) -> float:
@@ -387,8 +390,8 @@ class TritonServer:
                 for model in models:
                     if states.get(model) == "UNLOADING" and model in self.supervisor.python_models - with_stubs:
                         if now - stubless_since.setdefault(model, now) > UNLOAD_WAIT_S:
-                            self.supervisor.unreleasable.add(model)
-                waiting = [m for m in models if m not in self.supervisor.unreleasable]
+                            self.stuck.add(model)
+                waiting = [m for m in models if m not in self.stuck]
                 if all(states.get(m) == "UNAVAILABLE" for m in waiting):
                     return True
                 time.sleep(0.2)
@@ -423,12 +426,13 @@ class TritonServer:
         if self.process.poll() is not None:
             return self.process.returncode
         drained = self.supervisor.watching and self.drain()
-        if drained and self.supervisor.unreleasable:
+        kept = self.supervisor.ghosts | self.stuck
+        if drained and kept:
             # Nothing is in flight and every other model is unloaded; the version Triton keeps of a model whose
             # stub died would hold tritonserver's exit for --exit-timeout-secs and end it in an error.
             log.warning(
                 "k4serve: ending tritonserver (Triton 2.51 keeps the dead instance of %s)",
-                ", ".join(sorted(self.supervisor.unreleasable)),
+                ", ".join(sorted(kept)),
             )
             self.process.kill()
             self.process.wait()

@@ -8,7 +8,8 @@ that stage), and reports ready once Triton and every stub are back.
 
 Triton 2.51 never releases the old version of a model whose stub died under a request (its unload stays
 UNLOADING): the new version serves, but the old one would keep tritonserver's shutdown waiting out
---exit-timeout-secs. Those models are `unreleasable`; the launcher's stop accounts for them.
+--exit-timeout-secs. Those models are in `ghosts` (the repository index shows only the new version); the
+launcher's stop accounts for them.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Supervisor:
         self.load_timeout_s = load_timeout_s
         self.poll_s = poll_s
         self.repairs: list[Repair] = []
-        self.unreleasable: set[str] = set()  # models with a version Triton cannot release (see module doc)
+        self.ghosts: set[str] = set()  # models with a dead version Triton keeps beside the new one (module doc)
         self._phase = Phase.STARTING
         self._draining = False
         self._triton_ready = False
@@ -215,7 +216,7 @@ class Supervisor:
         else:
             stuck = [model for model in models if self.api.model_states().get(model) == "UNLOADING"]
             log.warning("k4serve: Triton keeps the dead version of %s; loading a new one beside it", stuck)
-            self.unreleasable.update(stuck)
+            self.ghosts.update(stuck)
         for model in models:
             self.api.load(model, self.load_timeout_s)
         states = self.api.model_states()  # an ensemble unloaded along with its step comes back here
