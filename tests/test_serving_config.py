@@ -157,13 +157,22 @@ def test_an_entry_point_brings_its_stages_and_unknown_models_are_named():
         models_to_load(REPO_MODEL_REPOSITORY, ["t2a"])
 
 
-def test_models_flag_switches_tritonserver_to_explicit_loading(tmp_path, monkeypatch):
+def test_tritonserver_loads_models_explicitly_behind_restricted_apis(tmp_path, monkeypatch):
     binary = TritonDistribution(tmp_path / "tritonserver", tmp_path, tmp_path, tmp_path)
     monkeypatch.setattr(TritonDistribution, "find", classmethod(lambda cls: binary))
-    every = TritonServer(ServerOptions()).command(tmp_path, REPO_MODEL_REPOSITORY)
-    assert not any(arg.startswith(("--model-control-mode", "--load-model")) for arg in every)
+    server = TritonServer(ServerOptions())
+    every = server.command(tmp_path, REPO_MODEL_REPOSITORY)
+    loaded = [arg.removeprefix("--load-model=") for arg in every if arg.startswith("--load-model=")]
+    assert "--model-control-mode=explicit" in every and loaded == models_to_load(REPO_MODEL_REPOSITORY, None)
+    assert "--http-address=127.0.0.1" in every  # clients reach HTTP through the launcher's front only
+    assert (
+        f"--http-restricted-api=health,metadata,inference,shared-memory,model-config,model-repository,"
+        f"statistics,trace,logging:k4serve-control={server.key}" in every
+    )
     only = TritonServer(ServerOptions(models=["vae_decoder", "muxer"])).command(tmp_path, REPO_MODEL_REPOSITORY)
     assert only[-3:] == ["--model-control-mode=explicit", "--load-model=muxer", "--load-model=vae_decoder"]
+    installed = TritonServer(ServerOptions(tritonserver=Path("/opt/tritonserver/bin/tritonserver")))
+    assert installed.command(tmp_path, REPO_MODEL_REPOSITORY)[0] == "/opt/tritonserver/bin/tritonserver"
 
 
 def test_backend_directory_holds_the_stub_for_this_python(tmp_path):

@@ -95,6 +95,32 @@ def run_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def check_device(device: str) -> str:
+    """`device` if this host has it, else ValueError naming what is missing and what to use instead."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type != "cuda":
+        raise ValueError(f"device {device!r}: k4serve runs on cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
+            else "torch sees no GPU (check the driver and CUDA_VISIBLE_DEVICES)"
+        )
+        raise ValueError(f"device {device!r} is not available: {why}; use the device cpu (--device cpu)")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(
+            f"device {device!r} does not exist: this host has {count} GPU{'s' if count > 1 else ''} "
+            f"(cuda:0 .. cuda:{count - 1}); use one of those"
+        )
+    return device
+
+
 @dataclass
 class PipelineSettings:
     """Where and how the pipeline runs. `device` is one device or a map per component."""
@@ -122,8 +148,8 @@ def component_devices(device: str | dict[str, str], components: tuple[str, ...])
         missing = [c for c in components if c not in device]
         if missing:
             raise ValueError(f"device map lacks {missing}; give a device for each of {list(components)}")
-        return {c: device[c] for c in components}
-    return dict.fromkeys(components, device)
+        return {c: check_device(device[c]) for c in components}
+    return dict.fromkeys(components, check_device(device))
 
 
 def _weights_paths(weights: str | Path) -> dict[str, Path]:

@@ -1,13 +1,16 @@
-"""`k4serve serve`: run tritonserver on the model repository until Ctrl-C / SIGTERM.
+"""`k4serve serve`: run tritonserver on the model repository until Ctrl-C / SIGTERM, which drain it.
 
-`--once PROMPT` starts the server, sends one request over gRPC, writes the mp4 and stops: the whole path
-(server, ensemble, client) in one command.
+The first Ctrl-C / SIGTERM drains (readiness false, the requests in flight finish, then the server stops); a
+second one stops at once. `--once PROMPT` starts the server, sends one request over gRPC, writes the mp4 and
+stops: the whole path (server, ensemble, client) in one command.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
+import sys
 from pathlib import Path
 
 from k4serve.cli_options import add_model_arguments
@@ -39,6 +42,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=None, help="default 8001 (with --once: a free port)")
     parser.add_argument("--http-port", type=int, default=None, help="default 8000 (with --once: a free port)")
     parser.add_argument("--metrics-port", type=int, default=None, help="default 8002 (with --once: a free port)")
+    parser.add_argument(
+        "--tritonserver", type=Path, default=None, metavar="BINARY",
+        help="a Triton install's tritonserver (NVIDIA's container: /opt/tritonserver/bin/tritonserver); "
+        "default: the one of the nvidia-pytriton wheel",
+    )  # fmt: skip
+    parser.add_argument(
+        "--triton-option", action="append", default=[], metavar="OPTION", dest="triton_args",
+        help="one more tritonserver option, e.g. --triton-option=--log-format=ISO8601 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds SIGTERM waits for requests")
     parser.add_argument("--log-file", type=Path, default=None, help="write tritonserver's log here, not to stdout")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
     parser.add_argument("--once", metavar="PROMPT", default=None, help="serve one request for PROMPT, then stop")
@@ -57,7 +70,7 @@ def stage_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until interrupted (or for one request with --once); tritonserver's exit code."""
+    """Serve until interrupted (or for one request with --once); 0 when it served and stopped cleanly."""
 
     def port(given: int | None, standard: int) -> int:
         return given if given is not None else 0 if args.once is not None else standard  # 0: a free port
@@ -73,20 +86,41 @@ def run_serve(args: argparse.Namespace) -> int:
         env=stage_env(args),
         log=args.log_file,
         log_verbose=args.log_verbose,
+        tritonserver=args.tritonserver,
+        drain_timeout_s=args.drain_timeout,
+        triton_args=args.triton_args,
     )
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     server = TritonServer(options).start()
+    received = []
+
+    def on_signal(signum: int, frame) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            server.stop_requested.set()  # the main loop drains
+        else:
+            server.signal(signal.SIGKILL)  # asked twice: stop now
+
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda received, frame: server.signal(signal.SIGTERM))
+        signal.signal(signum, on_signal)
+    result = 0
     try:
         server.wait_ready()
-        print(
-            f"k4serve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}", flush=True
-        )
-        if args.once is not None:
-            return _serve_once(server, args)
-        return server.wait()
+        if not server.stop_requested.is_set():
+            print(
+                f"k4serve ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}",
+                flush=True,
+            )
+            if args.once is not None:
+                result = _serve_once(server, args)
+            while args.once is None and not server.stop_requested.wait(0.5):
+                if server.failed():
+                    result = 1
+                    break
     finally:
-        server.stop()
+        code = server.stop()
+        print(f"k4serve stopped (tritonserver exit code {code})", flush=True)
+    return result or (0 if code == 0 else 1)
 
 
 def _serve_once(server: TritonServer, args: argparse.Namespace) -> int:

@@ -1,9 +1,16 @@
-"""Run the `tritonserver` binary shipped in the nvidia-pytriton wheel on a k4serve model repository.
+"""Run tritonserver on a k4serve model repository: supervised, behind a checking HTTP front, drained on stop.
 
-The wheel carries the server, the Python backend, one Python-backend stub per Python version and the libraries
-they link. `TritonServer` assembles a backend directory with the stub matching this interpreter, points the stub
-at this environment's packages, starts the server on the given address and ports, waits until every model is
-ready, and stops it (SIGTERM: Triton drains in-flight requests) when asked or when this process dies.
+`TritonServer` runs the `tritonserver` of the nvidia-pytriton wheel (assembling a backend directory with the stub
+matching this interpreter, which runs model.py in this very environment) or, with `ServerOptions.tritonserver`, the
+one of a Triton install (NVIDIA's container: /opt/tritonserver/bin/tritonserver). Around it:
+- every model is loaded at start in explicit model-control mode; the model-control, shared-memory, trace and
+  logging APIs answer only to a key this launcher makes up (`triton_api`);
+- tritonserver's HTTP endpoint listens on loopback; the public HTTP port is `front.HttpFront` (checked requests,
+  honest /v2/health/ready and /v2/health/live);
+- `supervisor.Supervisor` reloads a stage whose stub process died;
+- `stop()` drains: readiness false, `$K4SERVE_CONTROL_DIR/draining` for the entry points, wait for the requests in
+  flight, unload the entry points then the stages, then end tritonserver; the shared-memory regions named after
+  this launcher are removed on every way out, and at start those of launchers that are gone.
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
+import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -20,11 +29,17 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from k4serve.serving.front import HttpFront
+from k4serve.serving.shm import region_prefix, regions, remove_regions, remove_stale_regions
+from k4serve.serving.supervisor import UNLOAD_WAIT_S, Supervisor, stub_processes
+from k4serve.serving.triton_api import TritonApi, TritonError, metric_sum, restriction_flags
+
+log = logging.getLogger("k4serve.serve")
 
 REPO_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 # Runs first in the child and execs tritonserver: SIGTERM reaches the server when the launching process dies,
@@ -34,6 +49,11 @@ _DIE_WITH_PARENT = "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 15); os.e
 # The stock instance group of a GPU-capable stage: a count and no kind (Triton then picks GPUs when present).
 _AUTO_INSTANCE_GROUP = re.compile(r"instance_group\s*\[\s*\{\s*count:\s*(\d+)\s*\}\s*\]")
 _ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"')  # the models an ensemble's steps call
+# The drain protocol with the entry points (k4serve.serving.control on the model side).
+CONTROL_DIR_ENV = "K4SERVE_CONTROL_DIR"
+DRAINING_FILE = "draining"
+IN_FLIGHT_METRIC = "k4serve_requests_in_flight"  # the entry points' gauge of requests they hold
+PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's queued (not yet executing) requests
 
 
 @dataclass(frozen=True)
@@ -123,16 +143,28 @@ def copy_repository(source: Path, destination: Path, gpus: list[int] | None) -> 
     return destination
 
 
-def models_to_load(repository: Path, names: list[str]) -> list[str]:
-    """`names` and, for an ensemble among them, the models its steps call (sorted); unknown names fail here."""
+def _steps(repository: Path, model: str) -> list[str]:
+    """The models `model`'s config names as the ones it calls (an ensemble's steps, an orchestrator's stages)."""
+    return _ENSEMBLE_STEP.findall((repository / model / "config.pbtxt").read_text())
+
+
+def models_to_load(repository: Path, names: list[str] | None) -> list[str]:
+    """`names` (None: every model) and the models their steps call (sorted); unknown names fail here."""
     available = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+    names = available if names is None else names
     unknown = [name for name in names if name not in available]
     if unknown:
         raise ValueError(f"no model {', '.join(unknown)} in {repository}; choose from {', '.join(available)}")
     load = set(names)
     for name in names:
-        load.update(_ENSEMBLE_STEP.findall((repository / name / "config.pbtxt").read_text()))
+        load.update(_steps(repository, name))
     return sorted(load)
+
+
+def entry_points(repository: Path, models: list[str]) -> list[str]:
+    """The models among `models` that none of the others calls: where client requests enter."""
+    called = {step for model in models for step in _steps(repository, model)}
+    return [model for model in models if model not in called]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -149,25 +181,39 @@ class ServerOptions:
     model_repository: Path = REPO_MODEL_REPOSITORY
     host: str = "127.0.0.1"
     grpc_port: int = 0
-    http_port: int = 0
+    http_port: int = 0  # the HTTP front's (tritonserver's own HTTP endpoint takes a free loopback port)
     metrics_port: int = 0
     gpus: list[int] | None = None  # None: as the configs say; []: CPU only; [0, 1]: KIND_GPU on those
     models: list[str] | None = None  # None: every model; else these (and their ensembles' steps) only
     env: dict[str, str] = field(default_factory=dict)
     log: Path | None = None  # None: the server writes to this process's stdout/stderr
     log_verbose: int = 0
-    exit_timeout_s: int = 30
+    tritonserver: Path | None = None  # a Triton install's binary (its backends/ beside bin/); None: the wheel's
+    drain_timeout_s: float = 120.0  # how long stop() waits for requests in flight
+    exit_timeout_s: int = 30  # tritonserver's own --exit-timeout-secs, once nothing is in flight
+    max_body_bytes: int = 256 * 2**20  # largest HTTP request body the front accepts
+    triton_args: list[str] = field(default_factory=list)  # more tritonserver options, appended as given
 
 
 class TritonServer:
-    """A running tritonserver; use as a context manager or call start() / stop()."""
+    """A running, supervised tritonserver; use as a context manager or call start() / wait_ready() / stop()."""
 
     def __init__(self, options: ServerOptions):
         self.options = options
         for name in ("grpc_port", "http_port", "metrics_port"):
             if not getattr(options, name):
                 setattr(options, name, free_port(options.host))
+        self.triton_http_port = free_port("127.0.0.1")
+        self.key = secrets.token_hex(16)  # the restricted APIs' header value; only this process knows it
+        self.region_prefix = region_prefix(os.getpid(), options.grpc_port)
+        self.api = TritonApi(f"http://127.0.0.1:{self.triton_http_port}", self.key, self.metrics_url)
         self.process: subprocess.Popen | None = None
+        self.supervisor: Supervisor | None = None
+        self.front: HttpFront | None = None
+        self.models: list[str] = []
+        self.repository: Path = options.model_repository.resolve()
+        self.stuck: set[str] = set()  # models whose stub died while the drain unloaded them: never released
+        self.stop_requested = threading.Event()  # set by a signal handler: leave wait_ready, then stop()
         self._workdir: tempfile.TemporaryDirectory | None = None
         self._log_file = None
 
@@ -184,106 +230,219 @@ class TritonServer:
         return f"http://{self._client_host}:{self.options.metrics_port}/metrics"
 
     @property
+    def control_dir(self) -> Path:
+        """$K4SERVE_CONTROL_DIR of the stages: where the launcher tells the entry points to drain."""
+        return Path(self._workdir.name) / "control"
+
+    @property
     def _client_host(self) -> str:
         return "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
+
+    def binary(self) -> Path:
+        """The tritonserver executable that runs."""
+        return self.options.tritonserver or TritonDistribution.find().binary
 
     def command(self, backends: Path, repository: Path) -> list[str]:
         """The tritonserver command line."""
         o = self.options
-        # Explicit model control loads only the models asked for (one GPU cannot hold both t2v's stages and
-        # t2v_stream's own copy of the three models at full size).
-        selection = (
-            []
-            if o.models is None
-            else ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models_to_load(repository, o.models))]
-        )
+        models = models_to_load(repository, o.models)
         return [
-            str(TritonDistribution.find().binary),
+            str(self.binary()),
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
             # The configs are complete: skip the Python backend's extra per-model stub that would import
             # model.py (torch and all) only to auto-complete them. Load every model at once.
             "--disable-auto-complete-config",
             "--model-load-thread-count=8",
-            # Unique shared-memory names, so several servers can run on one host (parallel test runs).
-            f"--backend-config=python,shm-region-prefix-name=k4serve_{os.getpid()}_{o.grpc_port}_",
+            # Shared-memory names that say which launcher owns them (several servers can share a host).
+            f"--backend-config=python,shm-region-prefix-name={self.region_prefix}",
             f"--grpc-address={o.host}",
             f"--grpc-port={o.grpc_port}",
-            f"--http-address={o.host}",
-            f"--http-port={o.http_port}",
+            "--http-address=127.0.0.1",  # clients reach HTTP through the front only
+            f"--http-port={self.triton_http_port}",
+            *restriction_flags(self.key),
             "--allow-metrics=true",
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
             f"--exit-timeout-secs={o.exit_timeout_s}",
             f"--log-verbose={o.log_verbose}",
-            *selection,
+            # Explicit control: the supervisor reloads a stage that died; the drain unloads models in order.
+            "--model-control-mode=explicit",
+            *(f"--load-model={model}" for model in models),
+            *o.triton_args,
         ]
 
     def start(self) -> TritonServer:
-        """Launch tritonserver (returns at once; see wait_ready)."""
-        dist = TritonDistribution.find()
-        self._workdir = tempfile.TemporaryDirectory(prefix="k4serve-triton-")
-        work = Path(self._workdir.name)
-        backends = dist.assemble_backends(work / "backends")
-        repository = self.options.model_repository.resolve()
-        if not (repository / "t2v" / "config.pbtxt").is_file():
+        """Launch tritonserver and the HTTP front (returns at once; see wait_ready)."""
+        if not (self.repository / "t2v" / "config.pbtxt").is_file():
             raise FileNotFoundError(
-                f"{repository} is not a k4serve model repository (no t2v/config.pbtxt): pass --model-repository "
+                f"{self.repository} is not a k4serve model repository (no t2v/config.pbtxt): pass --model-repository "
                 "with the model_repository/ directory of a k4serve checkout"
             )
+        stale = remove_stale_regions()
+        if stale:
+            log.warning("k4serve: removed %d shared-memory regions of launchers that are gone", len(stale))
+        self._workdir = tempfile.TemporaryDirectory(prefix="k4serve-triton-")
+        work = Path(self._workdir.name)
+        self.control_dir.mkdir()
+        extra = {**self.options.env, CONTROL_DIR_ENV: str(self.control_dir)}
+        if self.options.tritonserver is None:
+            dist = TritonDistribution.find()
+            backends, env = dist.assemble_backends(work / "backends"), stub_environment(dist, extra)
+        else:  # a Triton install: its own backends and stubs, built for its Python
+            backends, env = self.options.tritonserver.resolve().parents[1] / "backends", {**os.environ, **extra}
+        repository = self.repository
         if self.options.gpus is not None:
             repository = copy_repository(repository, work / "model_repository", self.options.gpus)
+        command = self.command(backends, repository)
+        self.models = models_to_load(repository, self.options.models)
+        self.repository = repository
+        # The front first: a taken HTTP port fails here, before tritonserver runs. Until the supervisor exists it
+        # answers not ready.
+        self.front = HttpFront(
+            self.options.host,
+            self.options.http_port,
+            ("127.0.0.1", self.triton_http_port),
+            self.key,
+            ready=lambda: self.supervisor is not None and self.supervisor.ready(),
+            live=lambda: self.supervisor is not None and self.supervisor.live(),
+            draining=lambda: self.supervisor is not None and self.supervisor.draining,
+            max_body_bytes=self.options.max_body_bytes,
+        ).start()
         output = None
         if self.options.log is not None:
             self._log_file = output = open(self.options.log, "ab")  # closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _DIE_WITH_PARENT, *self.command(backends, repository)],
-            env=stub_environment(dist, self.options.env),
+            [sys.executable, "-c", _DIE_WITH_PARENT, *command],
+            env=env,
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
-            start_new_session=True,  # a terminal's Ctrl-C reaches us; we forward it once
+            start_new_session=True,  # a terminal's Ctrl-C reaches us; we drain once
         )
+        self.supervisor = Supervisor(self.process, self.api, self.models, self.region_prefix)
         return self
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
-        """Block until every model is loaded; raise with the log's tail if the server exits or times out."""
+        """Block until every model is loaded, then supervise; raise with the log's tail if the server exits."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while not self.api.ready():
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if self.stop_requested.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tritonserver was not ready after {timeout_s:.0f} s{self._log_tail()}")
             time.sleep(0.5)
-        raise TimeoutError(f"tritonserver was not ready after {timeout_s:.0f} s{self._log_tail()}")
+        self.supervisor.watch()
 
     def signal(self, signum: int) -> None:
-        """Forward a signal to the server (SIGINT / SIGTERM: graceful shutdown)."""
+        """Send a signal to tritonserver (SIGKILL: end it now)."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
 
-    def wait(self) -> int:
-        """Wait for the server to exit; its exit code."""
-        return self.process.wait()
+    def failed(self) -> bool:
+        """tritonserver exited, or the supervisor gave up repairing it."""
+        return self.supervisor is not None and not self.supervisor.live()
+
+    def drain(self) -> bool:
+        """Finish every request in flight and unload every model, within the drain timeout; True when done."""
+        deadline = time.monotonic() + self.options.drain_timeout_s
+        self.supervisor.begin_drain(deadline - time.monotonic())  # readiness false from here on
+        (self.control_dir / DRAINING_FILE).touch()
+        log.warning("k4serve: draining (up to %.0f s)", self.options.drain_timeout_s)
+        started = time.monotonic()
+        # 1. The entry points refuse new requests and count those they hold; Triton counts the queued ones.
+        while (in_flight := self._in_flight()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        # 2. Triton releases an unloaded model version once its last request is done: entry points first (their
+        # requests still need the stages), then the stages. Without the entry points' gauge this is the wait.
+        entries = entry_points(self.repository, self.models)
+        done = self._unload([m for m in self.models if m in entries], deadline)
+        done = self._unload([m for m in self.models if m not in entries], deadline) and done
+        if done:
+            log.warning("k4serve: drained in %.1f s", time.monotonic() - started)
+        else:
+            log.error("k4serve: drain timeout: stopping with %s request(s) still counted in flight", in_flight)
+        return done
+
+    def _in_flight(self) -> float:
+        """Requests the entry points hold plus those Triton has queued; 0 when the metrics do not answer."""
+        try:
+            samples = self.api.metrics()
+        except OSError:
+            return 0.0
+        return (metric_sum(samples, IN_FLIGHT_METRIC) or 0.0) + (metric_sum(samples, PENDING_METRIC) or 0.0)
+
+    def _unload(self, models: list[str], deadline: float) -> bool:
+        """Unload `models` and wait until Triton has released them (those it never will excepted).
+
+        A Python model whose stubs are all gone yet stays UNLOADING past UNLOAD_WAIT_S lost its stub under a
+        request: Triton 2.51 will not release it (see supervisor), so it is not waited for.
+        """
+        stubless_since: dict[str, float] = {}
+        try:
+            for model in models:
+                self.api.unload(model)
+            while time.monotonic() < deadline:
+                states = self.api.model_states()
+                with_stubs = {stub.model for stub in stub_processes(self.process.pid)}
+                now = time.monotonic()
+                for model in models:
+                    if states.get(model) == "UNLOADING" and model in self.supervisor.python_models - with_stubs:
+                        if now - stubless_since.setdefault(model, now) > UNLOAD_WAIT_S:
+                            self.stuck.add(model)
+                waiting = [m for m in models if m not in self.stuck]
+                if all(states.get(m) == "UNAVAILABLE" for m in waiting):
+                    return True
+                time.sleep(0.2)
+        except (TritonError, OSError) as error:
+            log.error("k4serve: unloading %s failed: %s", ", ".join(models), error)
+        return False
 
     def stop(self) -> int | None:
-        """Shut down gracefully (SIGKILL after the exit timeout) and remove the work directory."""
+        """Drain, end tritonserver, remove this launcher's shared memory and work directory; the exit code."""
         code = None
-        if self.process is not None:
-            self.signal(signal.SIGTERM)
-            try:
-                code = self.process.wait(timeout=self.options.exit_timeout_s + 10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                code = self.process.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-        if self._workdir is not None:
-            self._workdir.cleanup()
+        try:
+            if self.process is not None:
+                code = self._end_process()
+        finally:
+            if self.front is not None:
+                self.front.close()
+                self.front = None
+            if self.supervisor is not None:
+                self.supervisor.close()
+            removed = remove_regions(regions(self.region_prefix))
+            if removed:
+                log.warning("k4serve: removed %d shared-memory regions left by tritonserver", len(removed))
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+            if self._workdir is not None:
+                self._workdir.cleanup()
+                self._workdir = None
         return code
+
+    def _end_process(self) -> int:
+        if self.process.poll() is not None:
+            return self.process.returncode
+        drained = self.supervisor.watching and self.drain()
+        kept = self.supervisor.ghosts | self.stuck
+        if drained and kept:
+            # Nothing is in flight and every other model is unloaded; the version Triton keeps of a model whose
+            # stub died would hold tritonserver's exit for --exit-timeout-secs and end it in an error.
+            log.warning(
+                "k4serve: ending tritonserver (Triton 2.51 keeps the dead instance of %s)",
+                ", ".join(sorted(kept)),
+            )
+            self.process.kill()
+            self.process.wait()
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=self.options.exit_timeout_s + 10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
 
     def _log_tail(self, lines: int = 40) -> str:
         if self.options.log is None or not self.options.log.is_file():
