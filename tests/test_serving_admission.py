@@ -1,4 +1,4 @@
-"""Admission on a real server (tiny preset, K4SERVE_MAX_QUEUE=2, its own control directory): past the bound an
+"""Admission on a real server (tiny preset, K4SERVE_MAX_QUEUE=2): past the bound an
 entry point answers UNAVAILABLE with a retry hint while the admitted requests complete; while the drain file
 exists it refuses new requests and finishes those in flight, and k4serve_requests_in_flight falls to 0."""
 
@@ -23,18 +23,13 @@ DRAINING = "server is draining; retry on another replica"
 
 
 @pytest.fixture(scope="module")
-def control(tmp_path_factory):
-    return tmp_path_factory.mktemp("control")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, control):
-    """A server of its own: a bound of 2 requests per entry point and a control directory the test writes."""
+def server(tmp_path_factory):
+    """A server of its own: a bound of 2 requests per entry point (its control directory: server.control_dir)."""
     pytest.importorskip("pytriton", reason="tritonserver comes with the serve extra: pip install 'k4serve[serve]'")
     from k4serve.serving.launcher import ServerOptions, TritonServer
 
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
-    env |= {"K4SERVE_MAX_QUEUE": str(BOUND), "K4SERVE_CONTROL_DIR": str(control)}
+    env |= {"K4SERVE_MAX_QUEUE": str(BOUND)}
     log = tmp_path_factory.mktemp("tritonserver-admission") / "server.log"
     server = TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)).start()
     try:
@@ -91,7 +86,8 @@ def test_past_the_bound_requests_are_unavailable_with_a_retry_hint_while_admitte
     wait_for(lambda: in_flight(server, "t2v") == 0, "t2v to empty")
 
 
-def test_drain_file_refuses_new_requests_and_finishes_those_in_flight(server, control, expected):
+def test_drain_file_refuses_new_requests_and_finishes_those_in_flight(server, expected):
+    control = server.control_dir
     async def scenario():
         async with AsyncT2VClient(server.grpc_url, timeout_s=TIMEOUT_S) as client:
             running = [asyncio.create_task(generate(client, 1, 60)), asyncio.create_task(generate(client, 1, 61, True))]

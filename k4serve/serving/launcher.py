@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from k4serve.serving.control import CONTROL_DIR_ENV, DRAINING_FILE
 from k4serve.serving.front import HttpFront
 from k4serve.serving.shm import region_prefix, regions, remove_regions, remove_stale_regions
 from k4serve.serving.supervisor import UNLOAD_WAIT_S, Supervisor, stub_processes
@@ -49,9 +50,6 @@ _DIE_WITH_PARENT = "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 15); os.e
 # The stock instance group of a GPU-capable stage: a count and no kind (Triton then picks GPUs when present).
 _AUTO_INSTANCE_GROUP = re.compile(r"instance_group\s*\[\s*\{\s*count:\s*(\d+)\s*\}\s*\]")
 _ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"')  # the models an ensemble's steps call
-# The drain protocol with the entry points (k4serve.serving.control on the model side).
-CONTROL_DIR_ENV = "K4SERVE_CONTROL_DIR"
-DRAINING_FILE = "draining"
 IN_FLIGHT_METRIC = "k4serve_requests_in_flight"  # the entry points' gauge of requests they hold
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's queued (not yet executing) requests
 
