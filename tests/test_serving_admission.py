@@ -88,6 +88,7 @@ def test_past_the_bound_requests_are_unavailable_with_a_retry_hint_while_admitte
 
 def test_drain_file_refuses_new_requests_and_finishes_those_in_flight(server, expected):
     control = server.control_dir
+
     async def scenario():
         async with AsyncT2VClient(server.grpc_url, timeout_s=TIMEOUT_S) as client:
             running = [asyncio.create_task(generate(client, 1, 60)), asyncio.create_task(generate(client, 1, 61, True))]

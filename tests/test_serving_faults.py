@@ -96,6 +96,15 @@ class Serve:
     def output(self) -> str:
         return self.stderr.read_text(errors="replace") + self.log.read_text(errors="replace")
 
+    def stopped_within(self, seconds: float) -> int:
+        """The exit code once the server has stopped; fails with its output (and kills it) past `seconds`."""
+        try:
+            return self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the server was still running {seconds:g} s on:\n{self.output()[-5000:]}") from None
+
 
 def wait_for(condition, what: str, timeout_s: float = TIMEOUT_S, every_s: float = 0.05) -> float:
     """Poll `condition` until true; the seconds it took."""
@@ -132,7 +141,7 @@ def running(server: Serve):
     finally:
         if server.process.poll() is None:
             server.process.send_signal(signal.SIGTERM)
-            server.process.wait(timeout=TIMEOUT_S)
+            server.stopped_within(TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +231,7 @@ def test_shared_memory_is_removed_however_the_server_ends(tmp_path, ending):
             server.process.send_signal(signal.SIGINT)
         else:
             os.kill(server.tritonserver_pid(), signal.SIGKILL)
-        code = server.process.wait(timeout=TIMEOUT_S)
+        code = server.stopped_within(2 * STOP_AFTER_LAST_REQUEST_S)
     assert (code == 0) == (ending == "Ctrl-C"), server.output()[-3000:]
     assert regions(server.prefix) == []
 
@@ -265,7 +274,7 @@ def test_stage_killed_under_a_request_is_reloaded_and_the_server_still_stops_cle
         assert decode_mp4(result.as_numpy("MP4")[0])[0].shape == (1, *SIZE, 3)
         server.process.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
-        code = server.process.wait(timeout=TIMEOUT_S)
+        code = server.stopped_within(STOP_AFTER_LAST_REQUEST_S)
     output = server.output()
     assert code == 0 and time.monotonic() - interrupted < STOP_AFTER_LAST_REQUEST_S, output[-3000:]
     assert "Exit timeout expired" not in output and regions(server.prefix) == []
@@ -333,7 +342,7 @@ def test_sigterm_finishes_requests_in_flight_then_stops_clean(serve):
         assert results[name].request_id == name
         assert_video(results[name].mp4, 1)
     last_finished = max(results[name + " done"] for name in names)
-    code = serve.process.wait(timeout=TIMEOUT_S)
+    code = serve.stopped_within(max(1.0, last_finished + STOP_AFTER_LAST_REQUEST_S - time.monotonic()))
     stopped = time.monotonic()
     output = serve.output()
     assert code == 0, output[-3000:]

@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,12 +91,13 @@ class Refusal(NamedTuple):
 class Admission:
     """The bound and the drain state of one entry point: `admit()` says why not, or counts the request in."""
 
-    def __init__(self, model: str, bound: int, directory: Path):
+    def __init__(self, model: str, bound: int, directory: Path, gauge: Callable[[int], None] = lambda count: None):
         self.model = model
         self.bound = bound
         self.directory = directory
         self.in_flight = 0
         self._typical_s: float | None = None  # moving average of finished requests, for the retry hint
+        self._gauge = gauge  # told every new count under the lock: a reader and a writer never cross
         self._lock = threading.Lock()
 
     def admit(self) -> Refusal | None:
@@ -112,11 +113,13 @@ class Admission:
                     f"or {MAX_QUEUE_ENV}); retry in about {wait} s, or on another replica",
                 )
             self.in_flight += 1
+            self._gauge(self.in_flight)
             return None
 
     def release(self, seconds: float | None = None) -> None:
         """One admitted request left; `seconds` (when it finished its work) refines the retry hint."""
         with self._lock:
             self.in_flight -= 1
+            self._gauge(self.in_flight)
             if seconds is not None:
                 self._typical_s = seconds if self._typical_s is None else 0.8 * self._typical_s + 0.2 * seconds

@@ -20,6 +20,7 @@ import ctypes.util
 import importlib.util
 import logging
 import os
+import random
 import re
 import secrets
 import shutil
@@ -52,6 +53,7 @@ _AUTO_INSTANCE_GROUP = re.compile(r"instance_group\s*\[\s*\{\s*count:\s*(\d+)\s*
 _ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"')  # the models an ensemble's steps call
 IN_FLIGHT_METRIC = "k4serve_requests_in_flight"  # the entry points' gauge of requests they hold
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's queued (not yet executing) requests
+DRAIN_REPORT_S = 10.0  # how often a drain that is still waiting says what for
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,30 @@ def entry_points(repository: Path, models: list[str]) -> list[str]:
     return [model for model in models if model not in called]
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands to outgoing connections (and to bind(0))."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
+    """A TCP port nobody listens on right now, below the ephemeral range where it can be had.
+
+    A port from bind(0) comes from the range the kernel also gives every outgoing connection: between choosing it
+    and the server binding it, a client's connection can take it (seen in CI as "Address already in use").
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [port for port in range(20000, 32768) if port not in ephemeral]
+    for port in random.sample(candidates, min(len(candidates), 50)):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -348,13 +372,17 @@ class TritonServer:
         self.supervisor.begin_drain(deadline - time.monotonic())  # readiness false from here on
         (self.control_dir / DRAINING_FILE).touch()
         log.warning("k4serve: draining (up to %.0f s)", self.options.drain_timeout_s)
-        started = time.monotonic()
-        # 1. The entry points refuse new requests and count those they hold; Triton counts the queued ones.
-        while (in_flight := self._in_flight()) and time.monotonic() < deadline:
+        started = reported = time.monotonic()
+        entries = entry_points(self.repository, self.models)
+        # 1. The entry points refuse new requests and count those they hold; Triton counts those queued in front
+        # of them (a stage's queue belongs to requests an entry point holds).
+        while (in_flight := self._in_flight(entries)) and time.monotonic() < deadline:
+            if time.monotonic() - reported > DRAIN_REPORT_S:
+                reported = time.monotonic()
+                log.warning("k4serve: draining: %g request(s) in flight after %.0f s", in_flight, reported - started)
             time.sleep(0.25)
         # 2. Triton releases an unloaded model version once its last request is done: entry points first (their
         # requests still need the stages), then the stages. Without the entry points' gauge this is the wait.
-        entries = entry_points(self.repository, self.models)
         done = self._unload([m for m in self.models if m in entries], deadline)
         done = self._unload([m for m in self.models if m not in entries], deadline) and done
         if done:
@@ -363,13 +391,14 @@ class TritonServer:
             log.error("k4serve: drain timeout: stopping with %s request(s) still counted in flight", in_flight)
         return done
 
-    def _in_flight(self) -> float:
-        """Requests the entry points hold plus those Triton has queued; 0 when the metrics do not answer."""
+    def _in_flight(self, entries: list[str]) -> float:
+        """Requests the entry points hold plus those queued in front of them; 0 when the metrics do not answer."""
         try:
             samples = self.api.metrics()
         except OSError:
             return 0.0
-        return (metric_sum(samples, IN_FLIGHT_METRIC) or 0.0) + (metric_sum(samples, PENDING_METRIC) or 0.0)
+        held = metric_sum(samples, IN_FLIGHT_METRIC, entries) or 0.0
+        return held + (metric_sum(samples, PENDING_METRIC, entries) or 0.0)
 
     def _unload(self, models: list[str], deadline: float) -> bool:
         """Unload `models` and wait until Triton has released them (those it never will excepted).
@@ -381,6 +410,7 @@ class TritonServer:
         try:
             for model in models:
                 self.api.unload(model)
+            reported = time.monotonic()
             while time.monotonic() < deadline:
                 states = self.api.model_states()
                 with_stubs = {stub.model for stub in stub_processes(self.process.pid)}
@@ -392,6 +422,10 @@ class TritonServer:
                 waiting = [m for m in models if m not in self.stuck]
                 if all(states.get(m) == "UNAVAILABLE" for m in waiting):
                     return True
+                if now - reported > DRAIN_REPORT_S:
+                    reported = now
+                    held = {m: states.get(m) for m in waiting if states.get(m) != "UNAVAILABLE"}
+                    log.warning("k4serve: draining: waiting for Triton to release %s", held)
                 time.sleep(0.2)
         except (TritonError, OSError) as error:
             log.error("k4serve: unloading %s failed: %s", ", ".join(models), error)

@@ -101,8 +101,6 @@ class Orchestrator(TritonModel):
     outputs: tuple[str, ...] = ()
 
     def setup(self) -> None:
-        bound = max_queue(config_parameters(self.model_config))
-        self.admission = Admission(self.name, bound, control_dir())
         family = pb_utils.MetricFamily
         self.in_flight_family = family(
             name="k4serve_requests_in_flight",
@@ -119,6 +117,8 @@ class Orchestrator(TritonModel):
             reason: self.rejected_family.Metric(labels={"model": self.name, "reason": reason})
             for reason in ("bound", "draining")
         }
+        bound = max_queue(config_parameters(self.model_config))
+        self.admission = Admission(self.name, bound, control_dir(), gauge=self.in_flight.set)
         self.flights: set[Flight] = set()
         self.lock = threading.Lock()
         self.stop_watching = threading.Event()
@@ -135,7 +135,6 @@ class Orchestrator(TritonModel):
                 self.rejected[refusal.reason].increment(1)
                 self._send_final(request.get_response_sender(), error_response(Refused(refusal.message)))
                 continue
-            self.in_flight.set(self.admission.in_flight)
             threading.Thread(target=self._serve, args=(request,), name=f"{self.name}-request", daemon=True).start()
         return None
 
@@ -146,7 +145,6 @@ class Orchestrator(TritonModel):
             finished = self._run(request)
         finally:
             self.admission.release(finished)
-            self.in_flight.set(self.admission.in_flight)
 
     def _run(self, request) -> float | None:
         """Run the pipeline and send the final response; the seconds it took when it succeeded."""

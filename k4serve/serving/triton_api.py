@@ -12,6 +12,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from dataclasses import dataclass
 
 CONTROL_HEADER = "k4serve-control"
@@ -53,9 +54,15 @@ def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
     return samples
 
 
-def metric_sum(samples: dict[tuple[str, frozenset], float], name: str) -> float | None:
-    """The sum of every series of `name`; None when the metric is absent."""
-    values = [value for (sample, _), value in samples.items() if sample == name]
+def metric_sum(
+    samples: dict[tuple[str, frozenset], float], name: str, models: Collection[str] | None = None
+) -> float | None:
+    """The sum of the series of `name` (of those `models` only, by their `model` label); None when absent."""
+    values = [
+        value
+        for (sample, labels), value in samples.items()
+        if sample == name and (models is None or dict(labels).get("model") in models)
+    ]
     return sum(values) if values else None
 
 
