@@ -176,9 +176,18 @@ def main() -> None:
             eager_audio = vocode(eager_image, official_solve, generator(), params)[1]
         except Exception:
             traceback.print_exc()
+        def magnitudes(waveform) -> torch.Tensor:
+            """|STFT| of a waveform at the spectrogram's own resolution: what is heard. Griffin-Lim from the same
+            initial phase turns a 1e-2 change of the latents into an O(1) change of the samples (their phase), so
+            the samples themselves are no measure of the difference."""
+            window = torch.hann_window(params.win_length, dtype=torch.float64)
+            samples = torch.as_tensor(np.asarray(waveform), dtype=torch.float64)
+            return torch.stft(samples, params.n_fft, params.hop_length, params.win_length, window,
+                              return_complex=True).abs()  # fmt: skip
+
         row(
-            "V2A frames -> audio, one call", "fast", "V2APipeline(...)",
-            lambda: pipeline(clip, prompt, negative, seed).waveform, eager_audio,
+            "V2A frames -> audio, one call", "fast", "V2APipeline(...); error: STFT magnitudes",
+            lambda: pipeline(clip, prompt, negative, seed).waveform, eager_audio, view=magnitudes,
         )  # fmt: skip
         row(
             "V2A frames -> mp4, one call", "fast", "add_audio",

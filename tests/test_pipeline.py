@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
-from official_reference import COGVIDEOX_5B_SCHEDULER, official_t2v_frames, randomize_weights
 from transformers import AutoTokenizer, T5EncoderModel
 
 from k4serve.models.cogvideox_vae import PRESETS as VAE_PRESETS
@@ -14,6 +12,10 @@ from k4serve.models.dit import build_dit
 from k4serve.models.t5 import T5TextEncoder
 from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline, num_frames
 from k4serve.pipelines.video_io import FPS, decode_mp4, encode_mp4
+
+diffusers = pytest.importorskip("diffusers")  # the reference VAE and scheduler (test extra)
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler  # noqa: E402
+from official_reference import COGVIDEOX_5B_SCHEDULER, official_t2v_frames, randomize_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -70,9 +72,11 @@ def test_bad_options_name_the_fix():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("linear, channels_last, torch_compile, bound", [
-    ("bf16", False, False, 1e-2), ("bf16", True, False, 2e-2), ("bf16", False, True, 2e-2), ("fp8", False, False, 1e-1),
+    ("bf16", False, False, 1.5), ("bf16", True, False, 1.5), ("bf16", False, True, 1.5), ("fp8", False, False, 1e-1),
 ])  # fmt: skip
 def test_cuda_graph_engine_equals_eager(linear, channels_last, torch_compile, bound):
+    """Error vs the float32 module with the same weights: a bf16 engine within `bound` x the eager bf16 module's own
+    (two bf16 paths differ by about their rounding: 1.5e-2 measured between them), fp8 within `bound` absolute."""
     unet = build_v2a_unet(GPU_CONFIG, "cuda", torch.bfloat16, seed=2)
     engine = FastUNet(unet, linear=linear, channels_last=channels_last, torch_compile=torch_compile)
     assert engine.cuda_graphs and (engine.fp8_linears > 0) == (linear == "fp8")
@@ -85,7 +89,11 @@ def test_cuda_graph_engine_equals_eager(linear, channels_last, torch_compile, bo
     assert engine.shapes == ((2, 4, 64, 148), (2, 4, 64, 96)) and out.shape == odd[0].shape
     torch.testing.assert_close(engine(*odd), out, rtol=0, atol=0)  # replays are deterministic, buckets independent
     torch.testing.assert_close(engine.forward(*odd), out, rtol=0, atol=0)  # the graph is the engine's forward
-    assert rel_error(out, unet(*odd)) < bound and rel_error(other, unet(*even)) < bound
+    reference = copy.deepcopy(unet).float()
+    for result, args in ((out, odd), (other, even)):
+        exact = reference(*(x.float() if x.is_floating_point() else x for x in args))
+        limit = bound * rel_error(unet(*args), exact) if linear == "bf16" else bound
+        assert rel_error(result, exact) < limit
     assert unet.conv_in.weight.is_contiguous()  # the module itself is untouched
 
 

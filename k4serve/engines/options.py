@@ -24,17 +24,16 @@ class AttentionOption:
     error: float | None  # that call's rel. L2 error vs fp32
 
 
-# Per call on one H200 (issue 12's measurements, medians; random q, k, v). triton-int8 / cuda-int8: the torch
-# emulation of their recipe on LayerNorm'd, rotated q, k and random v (benchmarks/NOTES.md), to be replaced by
-# benchmarks/dit.py's rows.
+# Per call on one H200, 2026-12-02 (`benchmarks/attention.py --results`, benchmarks/RESULTS.md: medians, random
+# N(0,1) q, k, v; error vs float64). The int8 kernels' error on the DiT's own LayerNorm'd, rotated q and k is 1.8e-3.
 ATTENTION_OPTIONS: dict[str, AttentionOption] = {
-    "fa4": AttentionOption("FlashAttention-4 (CuTe DSL), bf16; pip install 'k4serve[gpu]'", 542, 2.4e-3),
-    "triton": AttentionOption("ours (Triton), bf16", 454, 2.4e-3),
-    "sdpa": AttentionOption("torch scaled_dot_product_attention, bf16", None, 2.3e-3),
-    "triton-int8": AttentionOption("ours (Triton): int8 Q·Kᵀ with smoothed K, bf16 P·V", None, 1.1e-2),
-    "cuda-int8": AttentionOption("ours (CUDA C++, sm_90a, FA3-style warp-specialized): the same recipe", None, 1.1e-2),
-    "triton-fp8": AttentionOption("ours (Triton): e4m3 Q·Kᵀ and P·V", 543, 5.5e-2),
-    "cudnn-fp8": AttentionOption("cuDNN fp8 SDPA, per-tensor scales; pip install 'k4serve[gpu]'", 504, 6.2e-2),
+    "fa4": AttentionOption("FlashAttention-4 (CuTe DSL), bf16; pip install 'k4serve[gpu]'", 546, 2.3e-3),
+    "triton": AttentionOption("ours (Triton), bf16", 449, 2.3e-3),
+    "sdpa": AttentionOption("torch scaled_dot_product_attention, bf16", 416, 2.3e-3),
+    "triton-int8": AttentionOption("ours (Triton): int8 Q·Kᵀ with smoothed K, bf16 P·V", 488, 1.1e-2),
+    "cuda-int8": AttentionOption("ours (CUDA C++, sm_90a, FA3-style warp-specialized): the same recipe", 352, 1.1e-2),
+    "triton-fp8": AttentionOption("ours (Triton): e4m3 Q·Kᵀ and P·V", 547, 5.4e-2),
+    "cudnn-fp8": AttentionOption("cuDNN fp8 SDPA, per-tensor scales; pip install 'k4serve[gpu]'", 493, 6.0e-2),
 }
 LINEAR_OPTIONS: dict[str, str] = {
     "bf16": "bf16 GEMMs",
@@ -44,13 +43,21 @@ LINEAR_OPTIONS: dict[str, str] = {
 ATTENTION = (AUTO, *ATTENTION_OPTIONS)
 LINEAR = (AUTO, *LINEAR_OPTIONS)
 
-# (attention, linear) -> (seconds for 4 DiT steps, x0 rel. error vs bf16 eager): benchmarks/RESULTS.md, 12 s at
-# 384x672 on one H100 (2026-11-25; the x0 errors are the device-independent part).
+# (attention, linear) -> (seconds for 4 DiT steps, x0 rel. error vs bf16 eager) at 12 s 384x672: benchmarks/RESULTS.md,
+# one H200 on 2026-12-02 (`benchmarks/dit.py --sizes 384x672x12`), except the rows of triton-fp8 attention and of plain
+# fp8 linears: one H100 on 2026-11-25 (the x0 errors are the device-independent part; the rule compares times within
+# one backend).
 DIT_TABLE: dict[tuple[str, str], tuple[float, float]] = {
-    ("sdpa", "bf16"): (4.90, 1.20e-2),
-    ("triton", "bf16"): (4.58, 1.20e-2),
-    ("triton-fp8", "bf16"): (4.15, 1.44e-1),
+    ("fa4", "bf16"): (4.08, 1.20e-2),
+    ("fa4", "fp8-fast"): (3.47, 5.22e-2),
+    ("triton", "bf16"): (4.59, 1.20e-2),
+    ("triton", "fp8-fast"): (4.00, 5.21e-2),
+    ("triton-int8", "bf16"): (4.42, 1.21e-2),
+    ("triton-int8", "fp8-fast"): (3.80, 5.22e-2),
+    ("cuda-int8", "bf16"): (5.41, 1.21e-2),
+    ("cuda-int8", "fp8-fast"): (4.82, 5.22e-2),
     ("triton", "fp8"): (4.21, 5.21e-2),
+    ("triton-fp8", "bf16"): (4.15, 1.44e-1),
     ("triton-fp8", "fp8"): (3.77, 1.47e-1),
     ("triton-fp8", "fp8-fast"): (3.55, 1.47e-1),
 }
