@@ -200,6 +200,10 @@ def test_auto_resolves_on_this_device_and_a_missing_backend_is_refused_with_the_
         options.resolve_fast_options("fa4", "auto", "cpu")
     with pytest.raises(ValueError, match="attention must be one of"):
         options.resolve_fast_options("flash", "auto", "cpu")
+    # the tiny presets' head_dim 8: only sdpa takes it, and an explicit Triton kernel is refused at build time
+    assert options.resolve_fast_options("auto", "auto", "cpu", head_dim=8) == ("sdpa", "bf16")
+    with pytest.raises(library.BackendUnavailable, match="power-of-two head_dim in \\[16, 256\\], got 8"):
+        options.resolve_fast_options("triton-int8", "auto", "cpu", head_dim=8)
 
 
 def test_help_states_every_option_and_its_measured_error():

@@ -98,28 +98,36 @@ def recorded_attention_table() -> dict[str, tuple[float | None, float | None]]:
     return {name: (option.tflops, option.error) for name, option in ATTENTION_OPTIONS.items()}
 
 
-def unavailable_reason(attention: str, device: str) -> str | None:
-    """Why `attention` cannot run on `device` (None: it can). Imports the kernels package, not the libraries."""
+def unavailable_reason(attention: str, device: str, head_dim: int | None = None) -> str | None:
+    """Why `attention` cannot run on `device` (None: it can), for a model of `head_dim` when given. Imports the
+    kernels package, not the libraries."""
+    from k4serve.kernels import attention as triton_attention
     from k4serve.kernels import attention_sm90, library_attention
 
     if attention in library_attention.LIBRARIES:
         return library_attention.unavailable_reason(attention, device)
     if attention == "cuda-int8":
-        return attention_sm90.unavailable_reason(device)
-    return None  # sdpa and ours in Triton: torch and the kernels extra (the CPU runs them in Triton's interpreter)
+        reason = attention_sm90.unavailable_reason(device)
+        if reason is None and head_dim not in (None, attention_sm90.HEAD_DIM):
+            reason = f"cuda-int8 takes head_dim {attention_sm90.HEAD_DIM}, the model has {head_dim}"
+        return reason
+    if attention.startswith("triton") and head_dim is not None:
+        return triton_attention.head_dim_reason(head_dim)
+    return None  # sdpa, and ours in Triton: torch and the kernels extra (the CPU runs them in Triton's interpreter)
 
 
-def resolve_fast_options(attention: str, linear: str, device: str) -> tuple[str, str]:
-    """Replace `auto` by the rule's choice for `device`; refuse unknown names and backends that cannot run here."""
+def resolve_fast_options(attention: str, linear: str, device: str, head_dim: int | None = None) -> tuple[str, str]:
+    """Replace `auto` by the rule's choice for `device` (and a model of `head_dim`: the tiny presets' 8 leaves only
+    sdpa); refuse unknown names and backends that cannot run here."""
     if attention not in ATTENTION or linear not in LINEAR:
         raise ValueError(
             f"attention must be one of {ATTENTION} and linear one of {LINEAR}; got {attention!r}, {linear!r}"
         )
     default_attention, default_linear = choose_fast_default(
-        recorded_attention_table(), DIT_TABLE, lambda name: unavailable_reason(name, device) is None
+        recorded_attention_table(), DIT_TABLE, lambda name: unavailable_reason(name, device, head_dim) is None
     )
     attention = default_attention if attention == AUTO else attention
-    reason = unavailable_reason(attention, device)
+    reason = unavailable_reason(attention, device, head_dim)
     if reason is not None:
         from k4serve.kernels.library_attention import BackendUnavailable
 

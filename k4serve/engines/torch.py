@@ -109,7 +109,7 @@ class FastDiT:
     def __init__(self, dit: DiffusionTransformer3D, attention: str = AUTO, linear: str = AUTO,
                  cuda_graphs: bool = True):  # fmt: skip
         self.device = next(dit.parameters()).device
-        attention, linear = resolve_fast_options(attention, linear, str(self.device))
+        attention, linear = resolve_fast_options(attention, linear, str(self.device), dit.config.head_dim)
         self.dit = dit
         self.config = dit.config
         self.attention = attention

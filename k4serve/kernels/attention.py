@@ -204,11 +204,17 @@ def _attention_kernel(desc_q, desc_k, desc_v, out_ptr, q_scale_ptr, k_scale_ptr,
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_len)[:, None])
 
 
-def _check_head_dim(d: int) -> None:
+def head_dim_reason(d: int) -> str | None:
+    """Why our Triton attention kernels cannot take head_dim `d` (None: they can)."""
     if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(
-            f"the Triton attention kernels need a power-of-two head_dim in [16, 256], got {d}: use attention='sdpa'"
-        )
+        return f"the Triton attention kernels need a power-of-two head_dim in [16, 256], got {d}: use attention='sdpa'"
+    return None
+
+
+def _check_head_dim(d: int) -> None:
+    reason = head_dim_reason(d)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _row_descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:

@@ -35,8 +35,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, default=REPO_MODEL_REPOSITORY)
     parser.add_argument(
         "--models", nargs="+", default=None, metavar="MODEL",
-        help="load only these models (an ensemble brings its stages), e.g. `--models t2v` for flash-512 on one "
-        "80 GB GPU: t2v_stream holds a second copy of all three models; default: every model",
+        help="load only these models (an entry point brings the stages it calls), e.g. `--models t2v_stream`; "
+        "every entry point shares one instance of each stage per GPU; default: every model",
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--grpc-port", type=int, default=None, help="default 8001 (with --once: a free port)")
