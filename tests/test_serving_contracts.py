@@ -189,13 +189,15 @@ def is_decoupled(model: str) -> bool:
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_entry_point_steps_match_the_stage_configs(entry):
     """Every step names a stage's real inputs and outputs, streams exactly when the stage is decoupled, takes only
-    tensors the request or an earlier step provides, and the entry point's outputs come out of the pipeline."""
+    tensors the request or an earlier step provides (under their own name or the one its `sources` give), and the
+    entry point's outputs come out of the pipeline."""
     available = set(config_tensors(entry, "input"))
     for step in ENTRY_POINTS[entry]:
         assert set(step.inputs) <= config_tensors(step.model, "input"), step.model
         assert set(step.outputs) <= config_tensors(step.model, "output"), step.model
+        assert set(step.sources) <= set(step.inputs), step.model
         assert step.streams == is_decoupled(step.model), step.model
-        assert set(step.inputs) <= available, step.model
+        assert {step.source(name) for name in step.inputs} <= available, step.model
         available |= set(step.outputs)
     assert config_tensors(entry, "output") - {"EVENT"} <= available
     # The launcher loads an entry point's stages from the `model_name: "..."` comment of its config.
