@@ -2,7 +2,7 @@
 
   t2v, t2v_stream    PROMPT, HEIGHT, WIDTH, SECONDS, SEED? -> MP4, SEED_USED
                      text_encoder -> dit_sampler -> vae_decoder -> muxer
-  t2va, t2va_stream  t2v's inputs + AUDIO_PROMPT?, NEGATIVE_PROMPT? -> MP4 with sound, SEED_USED
+  t2va, t2va_stream  t2v's inputs + AUDIO_PROMPT?, NEGATIVE_PROMPT?, TIMING? -> MP4 with sound, SEED_USED
                      t2v's stages, then v2a_encoder (on t2v's frames) -> v2a_sampler -> vocoder -> muxer
   v2a, v2a_stream    VIDEO (a video file's bytes), PROMPT?, NEGATIVE_PROMPT?, SEED?, TIMING? -> MP4, SEED_USED
                      v2a_encoder (decodes and trims the upload) -> v2a_sampler -> vocoder -> muxer
@@ -10,8 +10,9 @@
 (? = optional.) The pipelines are data in steps.py. The `_stream` variants run the same pipeline and send progress
 EVENTs first; every entry point calls the same stage instances, so each model is loaded once. In t2va the audio
 comes from the video's seed, so the one SEED_USED reproduces both; its sound prompt is AUDIO_PROMPT (absent: the
-official V2A prompt "clean. clear. good quality.", as `k4serve generate --audio`), not the video's PROMPT, which
-describes what to see: the V2A model was trained with sound-quality prompts and takes the content from the frames.
+official V2A prompt "clean. clear. good quality.", as `k4serve generate --audio`), not the video's PROMPT: that
+describes what to see, while the official V2A prompts describe the sound's quality and its content comes from the
+frames; so t2va's sound is `generate --audio`'s for the same request.
 
 To add an entry point: declare its steps in steps.py (and list it in ENTRY_POINTS), subclass Orchestrator with
 them, point a model.py at the class, and write its config.pbtxt (inputs, outputs, `decoupled: true` for the
@@ -44,8 +45,8 @@ class T2VModel(Orchestrator):
 
 
 class T2VAModel(T2VModel):
-    """t2v's inputs + AUDIO_PROMPT, NEGATIVE_PROMPT (optional) -> MP4 with an AAC soundtrack + SEED_USED (`t2va`),
-    with EVENTs before (`t2va_stream`)."""
+    """t2v's inputs + AUDIO_PROMPT, NEGATIVE_PROMPT, TIMING (optional) -> MP4 with an AAC soundtrack + SEED_USED
+    (`t2va`), with EVENTs before (`t2va_stream`)."""
 
     steps = T2VA_STEPS
 
@@ -61,6 +62,7 @@ class T2VAModel(T2VModel):
             input_bytes(request, "NEGATIVE_PROMPT", required=False),
             prompt_name="AUDIO_PROMPT",
         )
+        decode_timing(input_bytes(request, "TIMING", required=False))
 
 
 class V2AModel(Orchestrator):

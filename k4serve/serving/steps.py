@@ -70,7 +70,7 @@ T2VA_STEPS = (
         sources={"SEED": "SEED_USED"},
     ),
     VOCODER_STEP,
-    Step("muxer", inputs=("FRAMES", "AUDIO", "SAMPLE_RATE"), outputs=("MP4",)),
+    Step("muxer", inputs=("FRAMES", "AUDIO", "SAMPLE_RATE", "TIMING"), outputs=("MP4",)),
 )
 
 # An uploaded video gets a soundtrack: the encoder decodes and trims it, the muxer writes its kept frames.
