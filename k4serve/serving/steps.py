@@ -60,6 +60,7 @@ T2VA_STEPS = (
         "v2a_encoder",
         inputs=("FRAMES", "PROMPT", "NEGATIVE_PROMPT"),
         outputs=V2A_FEATURES,
+        streams=True,
         sources={"PROMPT": "AUDIO_PROMPT"},
     ),
     Step(
@@ -79,6 +80,7 @@ V2A_STEPS = (
         "v2a_encoder",
         inputs=("VIDEO", "PROMPT", "NEGATIVE_PROMPT"),
         outputs=(*V2A_FEATURES, "FRAMES", "FPS"),
+        streams=True,
     ),
     Step("v2a_sampler", inputs=(*V2A_FEATURES, "SEED"), outputs=("AUDIO_LATENTS", "SEED_USED"), streams=True),
     VOCODER_STEP,

@@ -51,7 +51,11 @@ class V2AEncoderModel(V2AStage):
     ([uncond; cond]) and CLIP_SECONDS int32 [1]; for VIDEO also the trimmed clip's FRAMES and FPS float64 [1].
 
     A video is cut to its first whole seconds (at most 12) once, here, as the official `load_video` does; the muxer
-    gets those frames. t2v's frames stay with the entry point, which hands them to the muxer itself."""
+    gets those frames. t2v's frames stay with the entry point, which hands them to the muxer itself.
+
+    Decoupled (an EVENT before and after the encoding), though it answers once: this is the stage that refuses an
+    upload, and Triton 2.51 resets the code of an error a BLS caller receives to INTERNAL (server issue #7804),
+    while a decoupled stage's error reaches the entry point as an EVENT that keeps INVALID_ARGUMENT."""
 
     stage = "v2a_encoder"
     components = ("encoder",)
@@ -69,8 +73,9 @@ class V2AEncoderModel(V2AStage):
         else:
             check_t2v_clip(frames)
             clip = load_clip(frames.cpu().numpy(), FPS)
-        progress.check()
+        progress.step(0, 1)
         conditioning = self.pipeline.encode(clip.frames, clip.fps, prompt, negative_prompt)
+        progress.step(1, 1)
         outputs = [
             dlpack_tensor("PROMPT_FEATURES", conditioning.prompt.float().cpu()),
             dlpack_tensor("VIDEO_FEATURES", conditioning.video.float().cpu()),
