@@ -153,6 +153,12 @@ def test_serve_flags_become_k4serve_environment(tmp_path):
         "K4SERVE_MP4_PRESET": "official",
     }
     assert stage_env(parser.parse_args([])) == {}
+    v2a = parser.parse_args(["--v2a-preset", "kandinsky4-v2a", "--v2a-weights", str(tmp_path), "--v2a-engine", "fast"])
+    assert stage_env(v2a) == {
+        "K4SERVE_V2A_PRESET": "kandinsky4-v2a",
+        "K4SERVE_V2A_WEIGHTS": str(tmp_path.resolve()),
+        "K4SERVE_V2A_ENGINE": "fast",
+    }
 
 
 def test_an_entry_point_brings_its_stages_and_unknown_models_are_named():

@@ -7,10 +7,10 @@ that breaks one gets RequestError (INVALID_ARGUMENT) naming the allowed values, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from k4serve.models.audio import latent_width
@@ -197,7 +197,7 @@ def check_t2v_clip(frames: torch.Tensor) -> None:
 
 def check_fps(fps: float) -> None:
     """FPS: the frame rate of an uploaded clip, finite, above 0 and at most the upload limit."""
-    if not np.isfinite(fps) or not 0 < fps <= UPLOAD_LIMITS.max_fps:
+    if not math.isfinite(fps) or not 0 < fps <= UPLOAD_LIMITS.max_fps:
         raise RequestError(f"FPS must be a frame rate above 0 and at most {UPLOAD_LIMITS.max_fps:g}, got {fps:g}")
 
 
@@ -205,7 +205,7 @@ def check_uploaded_clip(frames: torch.Tensor, fps: float) -> None:
     """FRAMES at FPS of an uploaded clip: uint8 RGB [F >= 1, H, W, 3] of an even size within the upload limits."""
     check_fps(fps)
     check_dtype("FRAMES", frames, torch.uint8)
-    check_clip_frames(frames.numpy(), fps, UPLOAD_LIMITS)
+    check_clip_frames(frames.cpu().numpy(), fps, UPLOAD_LIMITS)
 
 
 def check_clip_seconds(seconds: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 # bf16 or fp8 on the fast engine; activations follow the device (bf16 on the GPU, float32 on the CPU). `engine_dir`:
 # where `k4serve export` wrote the engines that engine aoti | tensorrt | onnxruntime runs.
 SETTING_KEYS = ("preset", "weights", "engine", "attention", "linear", "engine_dir", "mp4_preset")
-PATH_KEYS = ("weights", "engine_dir")  # resolved to absolute paths when given on the command line
+PATH_KEYS = ("weights", "engine_dir", "v2a_weights", "v2a_encoder_weights")  # made absolute from the command line
 # config.pbtxt parameter -> V2ASettings field, for the V2A stages (v2a_encoder, v2a_sampler, vocoder). Their own
 # keys, so K4SERVE_PRESET=flash-512 sets the T2V models and K4SERVE_V2A_PRESET=kandinsky4-v2a the V2A ones.
 V2A_SETTING_KEYS = {
