@@ -23,7 +23,7 @@ from k4serve.pipelines.t2v import MAX_SEED, PipelineSettings, T2VPipeline, num_f
 from k4serve.pipelines.v2a import V2APipeline, V2ASettings  # noqa: E402
 from k4serve.pipelines.video_io import FPS, decode_mp4, encode_mp4, encode_png  # noqa: E402
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.usefixtures("single_thread")]
 
 MODELS = ["t2va", "t2va_stream", "v2a", "v2a_stream"]
 SOUND_PROMPT, NEGATIVE = "rain on a tin roof", "hissing noise. poor quality."
@@ -38,6 +38,9 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("tritonserver-v2a") / "server.log"
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
     env |= {"K4SERVE_V2A_PRESET": "tiny", "K4SERVE_V2A_WEIGHTS": "", "K4SERVE_V2A_ENGINE": "eager"}
+    # One torch thread per stage process, as the in-process references below (the same numerics): on a loaded
+    # 2-core machine seven stages spinning two OpenMP threads each are several times slower.
+    env |= {"OMP_NUM_THREADS": "1"}
     server = TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log, models=MODELS)).start()
     try:
         server.wait_ready(timeout_s=300)

@@ -55,7 +55,7 @@ def decode_text(raw: bytes | str, name: str = "PROMPT") -> str:
         except UnicodeDecodeError as error:
             raise RequestError(
                 f"{name} must be UTF-8 text: byte {raw[error.start]:#04x} at position {error.start} is not valid "
-                "UTF-8 (send the prompt encoded as UTF-8)"
+                "UTF-8 (send the text encoded as UTF-8)"
             ) from None
     return raw
 
