@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(commands.add_parser("generate", help="prompt -> mp4 (--audio: with sound), in process"))
     add_v2a_arguments(commands.add_parser("v2a", help="video -> the video with a generated soundtrack, in process"))
     add_serve_arguments(commands.add_parser("serve", help="run tritonserver on the model repository"))
-    add_request_arguments(commands.add_parser("request", help="send a prompt to a running server"))
+    add_request_arguments(commands.add_parser("request", help="send a prompt (or --v2a: a video) to a running server"))
     add_export_arguments(commands.add_parser("export", help="build engines: onnx, tensorrt, aoti"))
     add_bench_arguments(commands.add_parser("bench", help="load-test a running server: throughput and latency"))
     return parser

@@ -1,10 +1,15 @@
-"""What several server test modules share: the request they send, Triton's metrics as numbers, waiting."""
+"""What several server test modules share: the request they send, Triton's metrics as numbers, waiting, raw
+requests and the error that ends a stream."""
 
 from __future__ import annotations
 
+import json
+import queue
 import re
 import time
 import urllib.request
+
+import numpy as np
 
 SIZE = (384, 672)
 PROMPT = "a red fox runs through fresh snow"
@@ -37,3 +42,32 @@ def wait_for(condition, what: str, timeout_s: float = TIMEOUT_S, interval_s: flo
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(interval_s)
+
+
+def grpc_inputs(values: dict[str, np.ndarray]) -> list:
+    """Triton inputs exactly as given (for requests the client library would not build)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = []
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    return tensors
+
+
+def stream_error(client, model: str, values: dict[str, np.ndarray], timeout_s: float = 60) -> tuple[str, list[dict]]:
+    """The error ending a decoupled model's stream (`client`: a tritonclient.grpc client), and the EVENTs before."""
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(model, grpc_inputs(values))
+        events = []
+        while True:
+            result, error = responses.get(timeout=timeout_s)
+            if error is not None:
+                return error.message(), events
+            events.append(json.loads(result.as_numpy("EVENT")[0]))
+    finally:
+        client.stop_stream()

@@ -25,9 +25,11 @@ from k4serve.serving.launcher import (
     with_instance_groups,
 )
 from k4serve.serving.requests import VideoShape, decode_prompt
-from k4serve.serving.settings import instance_device, pipeline_options, stage_device
+from k4serve.serving.settings import instance_device, pipeline_options, stage_device, v2a_options
 
-GPU_STAGES = ("text_encoder", "dit_sampler", "vae_decoder")
+T2V_STAGES = ("text_encoder", "dit_sampler", "vae_decoder")
+V2A_STAGES = ("v2a_encoder", "v2a_sampler", "vocoder")
+GPU_STAGES = (*T2V_STAGES, *V2A_STAGES)
 
 
 @pytest.mark.parametrize("device_id", [0, 1, 2, 3])
@@ -60,7 +62,7 @@ def read_config_parameters(model: str) -> dict:
     return {"parameters": {key: {"string_value": value} for key, value in pairs}}
 
 
-@pytest.mark.parametrize("model", GPU_STAGES)
+@pytest.mark.parametrize("model", T2V_STAGES)
 def test_configs_default_to_the_tiny_preset_and_env_overrides(model):
     config = read_config_parameters(model)
     encodes = {"mp4_preset": "fast"} if model == "t2v_stream" else {}  # the stage that writes the mp4 itself
@@ -75,6 +77,21 @@ def test_configs_default_to_the_tiny_preset_and_env_overrides(model):
     env = {"K4SERVE_PRESET": "flash-512", "K4SERVE_WEIGHTS": "/weights", "K4SERVE_LINEAR": "fp8"}
     options = pipeline_options(config, environ=env)
     assert (options["preset"], options["weights"], options["linear"]) == ("flash-512", "/weights", "fp8")
+
+
+@pytest.mark.parametrize("model", V2A_STAGES)
+def test_v2a_configs_default_to_tiny_and_only_the_v2a_environment_overrides(model):
+    config = read_config_parameters(model)
+    assert v2a_options(config, environ={}) == {
+        "preset": "tiny",
+        "weights": None,
+        "encoder_weights": None,
+        "engine": "eager",
+        "linear": "bf16",
+    }
+    env = {"K4SERVE_PRESET": "flash-512", "K4SERVE_V2A_PRESET": "kandinsky4-v2a", "K4SERVE_V2A_WEIGHTS": "/v2a"}
+    options = v2a_options(config, environ=env)
+    assert (options["preset"], options["weights"]) == ("kandinsky4-v2a", "/v2a")  # K4SERVE_PRESET is T2V's
 
 
 def test_prompt_must_be_utf8_and_non_empty():
@@ -136,6 +153,12 @@ def test_serve_flags_become_k4serve_environment(tmp_path):
         "K4SERVE_MP4_PRESET": "official",
     }
     assert stage_env(parser.parse_args([])) == {}
+    v2a = parser.parse_args(["--v2a-preset", "kandinsky4-v2a", "--v2a-weights", str(tmp_path), "--v2a-engine", "fast"])
+    assert stage_env(v2a) == {
+        "K4SERVE_V2A_PRESET": "kandinsky4-v2a",
+        "K4SERVE_V2A_WEIGHTS": str(tmp_path.resolve()),
+        "K4SERVE_V2A_ENGINE": "fast",
+    }
 
 
 def test_an_entry_point_brings_its_stages_and_unknown_models_are_named():
@@ -215,3 +238,56 @@ def test_client_request_tensors():
     assert all(tensor.shape() == [1] for tensor in tensors.values())
     assert "SEED" not in {t.name() for t in VideoRequest("fox").inputs()}
     assert request.with_id().request_id and request.with_id().prompt == "лиса"
+
+
+def test_client_sound_request_tensors_and_entry_points():
+    pytest.importorskip("tritonclient.grpc")
+    from k4serve.client.client import AudioRequest, V2ARequest, VideoRequest
+
+    def datatypes(request) -> dict[str, str]:
+        return {t.name(): t.datatype() for t in request.inputs()}
+
+    sound = AudioRequest("fox", 384, 672, 1, seed=3, audio_prompt="snow", timing="retime")
+    assert (sound.model, sound.stream_model, VideoRequest("fox").model) == ("t2va", "t2va_stream", "t2v")
+    assert datatypes(sound) == {
+        **datatypes(VideoRequest("fox", 384, 672, 1, seed=3)),
+        "AUDIO_PROMPT": "BYTES",
+        "TIMING": "BYTES",
+    }
+    upload = V2ARequest(b"\x00mp4", negative_prompt="hiss", seed=2**63 - 1)
+    assert (upload.model, upload.stream_model) == ("v2a", "v2a_stream")
+    assert datatypes(upload) == {"VIDEO": "BYTES", "NEGATIVE_PROMPT": "BYTES", "SEED": "INT64"}
+    video = {t.name(): t for t in upload.inputs()}["VIDEO"]
+    assert video.shape() == [1]
+    assert datatypes(V2ARequest(b"x")) == {"VIDEO": "BYTES"}  # the server's defaults for the rest
+    assert upload.with_id().request_id and upload.with_id().video == b"\x00mp4"
+
+
+def test_request_command_builds_the_request_its_flags_name(tmp_path):
+    pytest.importorskip("tritonclient.grpc")
+    from k4serve.client.cli import add_request_arguments, build_request
+    from k4serve.client.client import AudioRequest, V2ARequest, VideoRequest
+
+    parser = argparse.ArgumentParser()
+    add_request_arguments(parser)
+    clip = tmp_path / "in.mp4"
+    clip.write_bytes(b"video bytes")
+
+    def request(*argv: str):
+        return build_request(parser.parse_args(list(argv)))
+
+    assert request("fox", "--seconds", "1") == VideoRequest("fox", seconds=1)
+    assert request("fox", "--audio", "--audio-prompt", "snow") == AudioRequest("fox", audio_prompt="snow")
+    assert request("--v2a", str(clip), "--prompt", "rain", "--seed", "4", "--timing", "retime") == V2ARequest(
+        b"video bytes", "rain", seed=4, timing="retime"
+    )
+    refused = {
+        ("--v2a", str(clip), "fox"): "--v2a takes a video, not a prompt",
+        ("--v2a", str(clip), "--audio"): "--v2a takes a video, not a prompt or --audio",
+        ("--audio",): "give a prompt (text -> video) or --v2a VIDEO",
+        ("fox", "--timing", "pad"): "are for a video with sound: add --audio",
+        ("fox", "--prompt", "rain"): "are for a video with sound: add --audio",
+    }
+    for argv, message in refused.items():
+        with pytest.raises(RequestError, match=re.escape(message)):
+            request(*argv)

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from k4serve.models.cogvlm2_video import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
 from k4serve.pipelines.t2v import RequestError
 from k4serve.serving.control import (
     DRAINING_MESSAGE,
@@ -21,12 +22,19 @@ from k4serve.serving.control import (
 from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, models_to_load
 from k4serve.serving.requests import (
     check_audio,
+    check_audio_latents,
+    check_clip_seconds,
     check_embeddings,
     check_frames,
     check_latents,
     check_sample_rate,
+    check_t2v_clip,
+    check_uploaded_clip,
+    check_v2a_features,
+    decode_audio_prompts,
+    decode_timing,
 )
-from k4serve.serving.steps import ENTRY_POINTS, stage_models
+from k4serve.serving.steps import ENTRY_POINTS, T2V_STEPS, T2VA_STEPS, Step, stage_models
 
 # The buckets from the official formulas: T = seconds * 8 // 4 + 1 latent frames (1 for an image), 4(T-1)+1 pixel
 # frames, the seven sizes of the 512 family, 8x spatial compression.
@@ -111,6 +119,111 @@ def test_sample_rate_and_audio_length_must_be_allowed():
         check_audio(torch.tensor([0.0, float("-inf")]), 44100)
 
 
+# ---- the V2A stages ----
+
+FEATURE_DIM = 64
+# The official duration mapping: W = (100 s) // 32 * 32 spectrogram columns, latents W / 8 wide.
+AUDIO_LATENT_WIDTHS = [(100 * s) // 32 * 32 // 8 for s in range(1, 13)]
+
+
+def test_v2a_features_must_be_the_uncond_cond_pair_of_the_model_width_and_finite():
+    check_v2a_features(torch.zeros(2, 100, FEATURE_DIM), torch.zeros(2, 96, FEATURE_DIM), FEATURE_DIM)
+    shapes = {"PROMPT_FEATURES": [(1, 100, 64), (2, 99, 64), (2, 100, 65)], "VIDEO_FEATURES": [(2, 95, 64)]}
+    for name, bad in shapes.items():
+        for shape in bad:
+            prompt = torch.zeros(shape if name == "PROMPT_FEATURES" else (2, 100, 64))
+            video = torch.zeros(shape if name == "VIDEO_FEATURES" else (2, 96, 64))
+            rows = 100 if name == "PROMPT_FEATURES" else 96
+            with pytest.raises(RequestError, match=rf"{name} must be \[2, {rows}, 64\] \(\[uncond; cond\]"):
+                check_v2a_features(prompt, video, FEATURE_DIM)
+    video = torch.zeros(2, 96, FEATURE_DIM)
+    video[1, 3, 7] = float("nan")
+    with pytest.raises(RequestError, match="VIDEO_FEATURES holds 1 NaN or infinite values"):
+        check_v2a_features(torch.zeros(2, 100, FEATURE_DIM), video, FEATURE_DIM)
+    with pytest.raises(RequestError, match="PROMPT_FEATURES must be FP32, got float64"):
+        check_v2a_features(torch.zeros(2, 100, FEATURE_DIM, dtype=torch.float64), video, FEATURE_DIM)
+
+
+def test_audio_latents_of_every_duration_are_accepted_and_others_refused():
+    for width in AUDIO_LATENT_WIDTHS:
+        check_audio_latents(torch.zeros(4, 8, width), 4, 8)
+    allowed = re.escape("AUDIO_LATENTS must be [4, 8, w] with w one of 12, 24, 36, ..., 148")
+    for shape in [(4, 8, 13), (4, 8, 160), (4, 64, 12), (3, 8, 12), (8, 12)]:
+        with pytest.raises(RequestError, match=allowed):
+            check_audio_latents(torch.zeros(shape), 4, 8)
+    latents = torch.zeros(4, 8, 12)
+    latents[2, 5, 7] = float("inf")
+    with pytest.raises(RequestError, match="AUDIO_LATENTS holds 1 NaN or infinite"):
+        check_audio_latents(latents, 4, 8)
+
+
+def test_clip_seconds_are_1_to_12():
+    for seconds in range(1, 13):
+        check_clip_seconds(seconds)
+    for seconds in (0, 13, -1):
+        with pytest.raises(RequestError, match="CLIP_SECONDS must be a whole number from 1 to 12"):
+            check_clip_seconds(seconds)
+
+
+def test_t2v_frames_for_sound_must_last_a_second():
+    check_t2v_clip(torch.zeros(9, 384, 672, 3, dtype=torch.uint8))
+    with pytest.raises(RequestError, match=r"at least 1 s \(9 frames at 8 fps\) to get sound, got 1 frame"):
+        check_t2v_clip(torch.zeros(1, 384, 672, 3, dtype=torch.uint8))
+    with pytest.raises(RequestError, match="F one of 1, 9, 17"):
+        check_t2v_clip(torch.zeros(10, 384, 672, 3, dtype=torch.uint8))
+
+
+def clip(frames: int, height: int, width: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    return torch.zeros(frames, height, width, 3, dtype=dtype)
+
+
+def test_uploaded_clip_frames_and_rate_must_fit_the_upload_limits():
+    check_uploaded_clip(clip(30, 48, 64), 29.97)
+    bad = {
+        "FPS must be a frame rate above 0 and at most 120, got 0": (clip(1, 48, 64), 0.0),
+        "at most 120, got 240": (clip(1, 48, 64), 240.0),
+        "got nan": (clip(1, 48, 64), float("nan")),
+        "FRAMES must be UINT8, got float32": (clip(1, 48, 64, torch.float32), 8.0),
+        "frames are 64x47; H.264 4:2:0": (clip(1, 47, 64), 8.0),
+        "frames are 2048x1152; at most 2088960 pixels": (clip(1, 1152, 2048), 8.0),
+        "no frames": (clip(0, 48, 64), 8.0),
+    }
+    for message, (frames, fps) in bad.items():
+        with pytest.raises(RequestError, match=re.escape(message)):
+            check_uploaded_clip(frames, fps)
+
+
+def test_sound_prompts_default_to_the_official_ones_and_must_be_utf8_and_short():
+    assert decode_audio_prompts(None, None) == ("clean. clear. good quality.", DEFAULT_NEGATIVE)
+    assert decode_audio_prompts("дождь".encode(), b"") == ("дождь", "")  # an empty prompt is allowed
+    with pytest.raises(RequestError, match="AUDIO_PROMPT must be UTF-8 text: byte 0xff at position 0"):
+        decode_audio_prompts(b"\xff", None, prompt_name="AUDIO_PROMPT")
+    with pytest.raises(RequestError, match="NEGATIVE_PROMPT must be UTF-8"):
+        decode_audio_prompts(None, b"a\xfe")
+    with pytest.raises(RequestError, match="the prompt has 1001 characters; at most 1000"):
+        decode_audio_prompts(b"x" * 1001, None)
+
+
+def test_timing_is_pad_by_default_or_retime():
+    assert decode_timing(None) == "pad" and decode_timing(b"retime") == "retime"
+    with pytest.raises(RequestError, match="TIMING must be one of pad, retime, got 'stretch'"):
+        decode_timing(b"stretch")
+
+
+def test_a_step_feeds_an_input_from_the_tensor_its_sources_name():
+    vocoder = next(step for step in T2VA_STEPS if step.model == "vocoder")
+    assert vocoder.source("SEED") == "SEED_USED" and vocoder.source("AUDIO_LATENTS") == "AUDIO_LATENTS"
+    assert all(step.sources == {} for step in T2V_STEPS)
+    assert Step("muxer", ("FRAMES",), ("MP4",)).source("FRAMES") == "FRAMES"
+
+
+def test_t2va_draws_the_video_and_the_audio_from_one_seed():
+    """The samplers and the vocoder of t2va all take the seed the DiT used, which t2va returns."""
+    seeded = {step.model: step.source("SEED") for step in T2VA_STEPS if "SEED" in step.inputs}
+    assert seeded == {"dit_sampler": "SEED", "v2a_sampler": "SEED_USED", "vocoder": "SEED_USED"}
+    assert [step.model for step in T2VA_STEPS].index("dit_sampler") == 1  # SEED_USED exists before V2A runs
+
+
 def test_max_queue_comes_from_the_config_unless_the_environment_says():
     assert max_queue({"max_queue": "64"}, environ={}) == 64
     assert max_queue({"max_queue": "64"}, environ={"K4SERVE_MAX_QUEUE": "3"}) == 3
@@ -189,13 +302,15 @@ def is_decoupled(model: str) -> bool:
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_entry_point_steps_match_the_stage_configs(entry):
     """Every step names a stage's real inputs and outputs, streams exactly when the stage is decoupled, takes only
-    tensors the request or an earlier step provides, and the entry point's outputs come out of the pipeline."""
+    tensors the request or an earlier step provides (under their own name or the one its `sources` give), and the
+    entry point's outputs come out of the pipeline."""
     available = set(config_tensors(entry, "input"))
     for step in ENTRY_POINTS[entry]:
         assert set(step.inputs) <= config_tensors(step.model, "input"), step.model
         assert set(step.outputs) <= config_tensors(step.model, "output"), step.model
+        assert set(step.sources) <= set(step.inputs), step.model
         assert step.streams == is_decoupled(step.model), step.model
-        assert set(step.inputs) <= available, step.model
+        assert {step.source(name) for name in step.inputs} <= available, step.model
         available |= set(step.outputs)
     assert config_tensors(entry, "output") - {"EVENT"} <= available
     # The launcher loads an entry point's stages from the `model_name: "..."` comment of its config.

@@ -8,7 +8,6 @@ decoupled models (t2v_stream, dit_sampler, vae_decoder) with 501, so those are c
 from __future__ import annotations
 
 import json
-import queue
 import struct
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
+from serving_helpers import grpc_inputs, stream_error  # noqa: E402
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -133,31 +133,6 @@ CASES = {
 }
 
 
-def grpc_inputs(values: dict[str, np.ndarray]) -> list:
-    tensors = []
-    for name, value in values.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        tensors.append(tensor)
-    return tensors
-
-
-def stream_error(client: grpcclient.InferenceServerClient, model: str, values: dict) -> tuple[str, list[dict]]:
-    """The error ending a decoupled model's stream, and the EVENTs before it."""
-    responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        client.async_stream_infer(model, grpc_inputs(values))
-        events = []
-        while True:
-            result, error = responses.get(timeout=TIMEOUT_S)
-            if error is not None:
-                return error.message(), events
-            events.append(json.loads(result.as_numpy("EVENT")[0]))
-    finally:
-        client.stop_stream()
-
-
 @pytest.fixture(scope="module")
 def grpc(triton_server):
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
@@ -168,7 +143,7 @@ def grpc(triton_server):
 def test_malformed_grpc_request_is_invalid_argument_naming_the_fix(grpc, case):
     model, values, message = CASES[case].model, CASES[case].inputs, CASES[case].message
     if model in DECOUPLED:
-        error, events = stream_error(grpc, model, values)
+        error, events = stream_error(grpc, model, values, TIMEOUT_S)
         assert message in error
         assert events == []  # refused before the first step
         return

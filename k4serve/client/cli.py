@@ -1,4 +1,5 @@
-"""`k4serve request "prompt" -o out.mp4 [--stream]`: send a prompt to a running k4serve server.
+"""`k4serve request "prompt" -o out.mp4 [--audio] [--stream]` or `k4serve request --v2a in.mp4 -o out.mp4`: send a
+prompt (t2v; with --audio, t2va: the video with sound) or a video file's bytes (v2a) to a running k4serve server.
 
 The arguments are defined without tritonclient, so `k4serve --help` and `k4serve generate` work without the
 `serve` extra; running a request imports the client.
@@ -16,32 +17,44 @@ from tqdm import tqdm
 
 from k4serve.cli_options import parse_size
 from k4serve.client import DEFAULT_URL
+from k4serve.pipelines.t2v import RequestError
+from k4serve.pipelines.v2a import TIMINGS, UPLOAD_LIMITS
 
 if TYPE_CHECKING:
-    from k4serve.client.client import T2VClient, Video, VideoRequest
+    from k4serve.client.client import EntryPointRequest, T2VClient, Video
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `k4serve request`."""
-    parser.add_argument("prompt", help="text description of the video")
+    parser.add_argument("prompt", nargs="?", default=None, help="text description of the video (not with --v2a)")
     parser.add_argument("-o", "--output", default="out.mp4", help="where to write the mp4")
+    parser.add_argument("--audio", action="store_true", help="the video with a generated soundtrack (t2va)")
+    parser.add_argument(
+        "--v2a", metavar="VIDEO", type=Path, default=None,
+        help="give this video file (mp4, webm, ...; its first whole seconds, at most 12) a soundtrack (v2a)",
+    )  # fmt: skip
     parser.add_argument("--url", default=DEFAULT_URL, help="the server's gRPC address, host:port")
     parser.add_argument("--seconds", type=int, default=12, help="duration, 0..12 (0: a single frame)")
     parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH, e.g. 384x672")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (the server draws one if absent)")
     parser.add_argument("--request-id", default="", help="id that tags the request in the server's logs")
-    parser.add_argument("--stream", action="store_true", help="show progress from t2v_stream while it runs")
+    parser.add_argument("--stream", action="store_true", help="show progress (the _stream entry point) while it runs")
     parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    sound = parser.add_argument_group("sound (with --audio or --v2a; absent: the server's defaults)")
+    sound.add_argument("--audio-prompt", "--prompt", dest="audio_prompt", default=None, metavar="TEXT",
+                       help="what the sound should be (default: the official V2A prompt)")  # fmt: skip
+    sound.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what it should not be")
+    sound.add_argument("--timing", choices=TIMINGS, default=None,
+                       help="pad (default): the video keeps its frame rate; retime: the official mapping")  # fmt: skip
 
 
 def run_request(args: argparse.Namespace) -> int:
     """Send one request and write the mp4; 2 if the server refused it."""
     from tritonclient.utils import InferenceServerException
 
-    from k4serve.client.client import T2VClient, VideoRequest
+    from k4serve.client.client import T2VClient
 
-    height, width = args.size
-    request = VideoRequest(args.prompt, height, width, args.seconds, args.seed, args.request_id)
+    request = build_request(args)
     started = time.perf_counter()
     try:
         with T2VClient(args.url, args.timeout) as client:
@@ -57,7 +70,30 @@ def run_request(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_with_bars(client: T2VClient, request: VideoRequest) -> Video:
+def build_request(args: argparse.Namespace) -> EntryPointRequest:
+    """The request the arguments describe: t2v, t2va (--audio) or v2a (--v2a, the file's bytes read here)."""
+    from k4serve.client.client import AudioRequest, V2ARequest, VideoRequest
+
+    sound = {"negative_prompt": args.negative_prompt, "timing": args.timing}
+    if args.v2a is not None:
+        if args.prompt is not None or args.audio:
+            raise RequestError("--v2a takes a video, not a prompt or --audio: the sound's prompt is --prompt TEXT")
+        size = args.v2a.stat().st_size  # before reading it: an oversized file is refused unread
+        if size > UPLOAD_LIMITS.max_bytes:
+            raise RequestError(f"{args.v2a} has {size} bytes; the server accepts at most {UPLOAD_LIMITS.max_bytes}")
+        return V2ARequest(args.v2a.read_bytes(), args.audio_prompt, seed=args.seed, request_id=args.request_id, **sound)
+    if args.prompt is None:
+        raise RequestError("give a prompt (text -> video) or --v2a VIDEO (video -> video with sound)")
+    height, width = args.size
+    video = (args.prompt, height, width, args.seconds, args.seed, args.request_id)
+    if args.audio:
+        return AudioRequest(*video, audio_prompt=args.audio_prompt, **sound)
+    if args.audio_prompt is not None or any(value is not None for value in sound.values()):
+        raise RequestError("--audio-prompt, --negative-prompt and --timing are for a video with sound: add --audio")
+    return VideoRequest(*video)
+
+
+def _stream_with_bars(client: T2VClient, request: EntryPointRequest) -> Video:
     """Stream the request, one progress bar per stage; the stream's last item is the video."""
     from k4serve.client.client import Progress
 

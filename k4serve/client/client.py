@@ -1,4 +1,5 @@
-"""gRPC client of a k4serve Triton server: one call (`t2v`), asyncio, and progress streaming (`t2v_stream`)."""
+"""gRPC client of a k4serve Triton server: one call (`t2v`, `t2va`, `v2a`), asyncio, and progress streaming (their
+`_stream` variants). The request's type picks the entry point: VideoRequest, AudioRequest, V2ARequest."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import queue
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -19,9 +21,48 @@ MODEL = "t2v"
 STREAM_MODEL = "t2v_stream"
 
 
+RequestT = TypeVar("RequestT", bound="EntryPointRequest")
+
+
+def text_tensor(text: str) -> np.ndarray:
+    """A one-element BYTES value holding `text` as UTF-8."""
+    return np.array([text.encode("utf-8")], dtype=np.object_)
+
+
+class EntryPointRequest:
+    """What every request type shares: the entry points it goes to, its Triton inputs, its request id.
+
+    Subclasses are frozen dataclasses with a `request_id` field; they set `model` and `stream_model` and say in
+    `values()` which tensors they send (an optional input left out of it is left out of the request)."""
+
+    model: ClassVar[str]
+    stream_model: ClassVar[str]
+    request_id: str
+
+    def values(self) -> dict[str, np.ndarray]:
+        """The input tensors by name."""
+        raise NotImplementedError
+
+    def inputs(self, module=grpcclient) -> list:
+        """The Triton input tensors (of `module`: the sync or the asyncio tritonclient)."""
+        tensors = []
+        for name, value in self.values().items():
+            tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        return tensors
+
+    def with_id(self: RequestT) -> RequestT:
+        """This request with a fresh request id if it has none."""
+        return self if self.request_id else replace(self, request_id=uuid.uuid4().hex)
+
+
 @dataclass(frozen=True)
-class VideoRequest:
-    """One text -> video request. seed None: the server draws one and returns it."""
+class VideoRequest(EntryPointRequest):
+    """One text -> video request (`t2v`). seed None: the server draws one and returns it."""
+
+    model: ClassVar[str] = MODEL
+    stream_model: ClassVar[str] = STREAM_MODEL
 
     prompt: str
     height: int = 384
@@ -30,26 +71,59 @@ class VideoRequest:
     seed: int | None = None
     request_id: str = ""
 
-    def inputs(self, module=grpcclient) -> list:
-        """The Triton input tensors (of `module`: the sync or the asyncio tritonclient)."""
+    def values(self) -> dict[str, np.ndarray]:
         values = {
-            "PROMPT": np.array([self.prompt.encode("utf-8")], dtype=np.object_),
+            "PROMPT": text_tensor(self.prompt),
             "HEIGHT": np.array([self.height], dtype=np.int32),
             "WIDTH": np.array([self.width], dtype=np.int32),
             "SECONDS": np.array([self.seconds], dtype=np.int32),
         }
         if self.seed is not None:
             values["SEED"] = np.array([self.seed], dtype=np.int64)
-        tensors = []
-        for name, value in values.items():
-            tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            tensor.set_data_from_numpy(value)
-            tensors.append(tensor)
-        return tensors
+        return values
 
-    def with_id(self) -> VideoRequest:
-        """This request with a fresh request id if it has none."""
-        return self if self.request_id else replace(self, request_id=uuid.uuid4().hex)
+
+@dataclass(frozen=True)
+class AudioRequest(VideoRequest):
+    """One text -> video with sound request (`t2va`): the video of VideoRequest, then V2A on its frames with the
+    same seed. audio_prompt / negative_prompt: the sound's prompts (None: the official V2A ones); timing "pad" or
+    "retime" (None: pad, the video keeps its 8 fps)."""
+
+    model: ClassVar[str] = "t2va"
+    stream_model: ClassVar[str] = "t2va_stream"
+
+    audio_prompt: str | None = None
+    negative_prompt: str | None = None
+    timing: str | None = None
+
+    def values(self) -> dict[str, np.ndarray]:
+        texts = {"AUDIO_PROMPT": self.audio_prompt, "NEGATIVE_PROMPT": self.negative_prompt, "TIMING": self.timing}
+        return {**super().values(), **{name: text_tensor(t) for name, t in texts.items() if t is not None}}
+
+
+@dataclass(frozen=True)
+class V2ARequest(EntryPointRequest):
+    """One video -> video with sound request (`v2a`): `video` is a video file's bytes (mp4, webm, mkv, ...); the
+    server keeps its first whole seconds (at most 12). prompt / negative_prompt: the sound's prompts (None: the
+    official V2A ones); timing "pad" or "retime" (None: pad); seed None: the server draws one and returns it."""
+
+    model: ClassVar[str] = "v2a"
+    stream_model: ClassVar[str] = "v2a_stream"
+
+    video: bytes
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    timing: str | None = None
+    request_id: str = ""
+
+    def values(self) -> dict[str, np.ndarray]:
+        values = {"VIDEO": np.array([self.video], dtype=np.object_)}
+        texts = {"PROMPT": self.prompt, "NEGATIVE_PROMPT": self.negative_prompt, "TIMING": self.timing}
+        values.update({name: text_tensor(text) for name, text in texts.items() if text is not None})
+        if self.seed is not None:
+            values["SEED"] = np.array([self.seed], dtype=np.int64)
+        return values
 
 
 @dataclass(frozen=True)
@@ -65,7 +139,7 @@ class Video:
 class Progress:
     """One progress event of a streamed request."""
 
-    stage: str  # text_encoder | dit_sampler | vae_decoder | muxer
+    stage: str  # text_encoder | dit_sampler | vae_decoder | v2a_encoder | v2a_sampler | vocoder | muxer
     step: int
     steps: int
     fraction: float  # of this stage
@@ -82,17 +156,18 @@ def _video(result) -> Video:
 
 
 class T2VClient:
-    """Blocking client. Errors raise tritonclient's InferenceServerException (status() says which gRPC code)."""
+    """Blocking client of every entry point (the request's type picks it). Errors raise tritonclient's
+    InferenceServerException (status() says which gRPC code)."""
 
     def __init__(self, url: str = DEFAULT_URL, timeout_s: float | None = None):
         self.client = grpcclient.InferenceServerClient(url)
         self.timeout_s = timeout_s
 
-    def generate(self, request: VideoRequest) -> Video:
-        """Run `t2v` and return the finished video."""
+    def generate(self, request: EntryPointRequest) -> Video:
+        """Run the request's entry point (`t2v`, `t2va`, `v2a`) and return the finished video."""
         request = request.with_id()
         result = self.client.infer(
-            MODEL,
+            request.model,
             request.inputs(),
             outputs=_outputs(grpcclient),
             request_id=request.request_id,
@@ -100,13 +175,14 @@ class T2VClient:
         )
         return _video(result)
 
-    def stream(self, request: VideoRequest) -> Iterator[Progress | Video]:
-        """Run `t2v_stream`: yield Progress events, then the Video. Leaving the loop early cancels the request."""
+    def stream(self, request: EntryPointRequest) -> Iterator[Progress | Video]:
+        """Run the request's streaming entry point (`t2v_stream`, ...): yield Progress events, then the Video.
+        Leaving the loop early cancels the request."""
         request = request.with_id()
         responses: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
-            self.client.async_stream_infer(STREAM_MODEL, request.inputs(), request_id=request.request_id)
+            self.client.async_stream_infer(request.stream_model, request.inputs(), request_id=request.request_id)
             while True:
                 item = _stream_item(*responses.get(timeout=self.timeout_s))
                 yield item
@@ -126,17 +202,17 @@ class T2VClient:
 
 
 class AsyncT2VClient:
-    """asyncio client: many requests in flight from one event loop."""
+    """asyncio client of every entry point: many requests in flight from one event loop."""
 
     def __init__(self, url: str = DEFAULT_URL, timeout_s: float | None = None):
         self.client = grpcclient_aio.InferenceServerClient(url)
         self.timeout_s = timeout_s
 
-    async def generate(self, request: VideoRequest) -> Video:
-        """Run `t2v` and return the finished video."""
+    async def generate(self, request: EntryPointRequest) -> Video:
+        """Run the request's entry point and return the finished video."""
         request = request.with_id()
         result = await self.client.infer(
-            MODEL,
+            request.model,
             request.inputs(grpcclient_aio),
             outputs=_outputs(grpcclient_aio),
             request_id=request.request_id,
@@ -144,13 +220,13 @@ class AsyncT2VClient:
         )
         return _video(result)
 
-    async def stream(self, request: VideoRequest) -> AsyncIterator[Progress | Video]:
-        """Run `t2v_stream`: yield Progress events, then the Video."""
+    async def stream(self, request: EntryPointRequest) -> AsyncIterator[Progress | Video]:
+        """Run the request's streaming entry point: yield Progress events, then the Video."""
         request = request.with_id()
 
         async def requests():
             yield {
-                "model_name": STREAM_MODEL,
+                "model_name": request.stream_model,
                 "inputs": request.inputs(grpcclient_aio),
                 "request_id": request.request_id,
             }

@@ -48,19 +48,34 @@ def input_torch(request, name: str, required: bool = True) -> torch.Tensor | Non
     return None if tensor is None else torch.from_dlpack(tensor.to_dlpack())
 
 
-def input_int(request, name: str, required: bool = True) -> int | None:
-    """The single integer of a one-element numeric input."""
+def _input_scalar(request, name: str, required: bool) -> torch.Tensor | None:
+    """The one element of a one-element numeric input (None if an optional input is absent)."""
     values = input_torch(request, name, required)
     if values is None:
         return None
     if values.numel() != 1:
         raise RequestError(f"{name} must hold exactly one value, got shape {list(values.shape)}")
-    return int(values.reshape(-1)[0])
+    return values.reshape(-1)[0]
 
 
-def input_bytes(request, name: str) -> bytes:
-    """The one element of a BYTES input."""
-    values = input_tensor(request, name).as_numpy()
+def input_int(request, name: str, required: bool = True) -> int | None:
+    """The single integer of a one-element numeric input."""
+    value = _input_scalar(request, name, required)
+    return None if value is None else int(value)
+
+
+def input_float(request, name: str, required: bool = True) -> float | None:
+    """The single number of a one-element floating-point input."""
+    value = _input_scalar(request, name, required)
+    return None if value is None else float(value)
+
+
+def input_bytes(request, name: str, required: bool = True) -> bytes | None:
+    """The one element of a BYTES input (None if an optional input is absent)."""
+    tensor = input_tensor(request, name, required)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy()
     if values.size != 1:
         raise RequestError(f"{name} must hold exactly one element, got shape {list(values.shape)}")
     return values.reshape(-1)[0]
@@ -76,6 +91,11 @@ def dlpack_tensor(name: str, value: torch.Tensor | np.ndarray) -> pb_utils.Tenso
     # numpy's DLPack capsules crash the 24.10 stub's from_dlpack; torch's work (and share numpy's memory).
     value = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value.contiguous()
     return pb_utils.Tensor.from_dlpack(name, value)
+
+
+def scalar_tensor(name: str, value: float, dtype: torch.dtype) -> pb_utils.Tensor:
+    """A one-element numeric output of `dtype` (seeds, durations, rates)."""
+    return dlpack_tensor(name, torch.tensor([value], dtype=dtype))
 
 
 class Cancelled(Exception):

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 from k4serve.cli_options import add_model_arguments
+from k4serve.pipelines.v2a import PIPELINE_PRESETS as V2A_PRESETS
+from k4serve.pipelines.v2a import V2A_ENGINES
 from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, ServerOptions, TritonServer
-from k4serve.serving.settings import ENV_PREFIX, PATH_KEYS, SETTING_KEYS
+from k4serve.serving.settings import ENV_PREFIX, PATH_KEYS, SETTING_KEYS, V2A_SETTING_KEYS
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -31,6 +33,12 @@ def parse_gpus(text: str) -> list[int]:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `k4serve serve`."""
     add_model_arguments(parser)  # unset: each stage's config.pbtxt decides (tiny, eager)
+    v2a = parser.add_argument_group("V2A models (v2a_encoder, v2a_sampler, vocoder); unset: their config.pbtxt's")
+    v2a.add_argument("--v2a-preset", choices=sorted(V2A_PRESETS), default=None)
+    v2a.add_argument("--v2a-weights", default=None, metavar="DIR", help="the ai-forever/kandinsky-4-v2a snapshot")
+    v2a.add_argument("--v2a-encoder-weights", default=None, metavar="DIR",
+                     help="the THUDM/cogvlm2-video-llama3-chat snapshot, if not inside the V2A weights")  # fmt: skip
+    v2a.add_argument("--v2a-engine", choices=V2A_ENGINES, default=None, help="fast: the UNet under CUDA graphs")
     parser.add_argument("--gpus", type=parse_gpus, default=None, help="0,1: stages on these GPUs; none: CPU only")
     parser.add_argument("--model-repository", type=Path, default=REPO_MODEL_REPOSITORY)
     parser.add_argument(
@@ -62,8 +70,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def stage_env(args: argparse.Namespace) -> dict[str, str]:
     """K4SERVE_* variables for the settings given on the command line (the rest come from config.pbtxt)."""
     env = {}
-    for key in SETTING_KEYS:
-        value = getattr(args, key)
+    for key in (*SETTING_KEYS, *V2A_SETTING_KEYS):
+        value = getattr(args, key, None)  # v2a_linear has no flag: config or K4SERVE_V2A_LINEAR
         if value is not None:
             env[ENV_PREFIX + key.upper()] = str(Path(value).resolve()) if key in PATH_KEYS else value
     return env

@@ -4,7 +4,7 @@ An entry point declares its pipeline as a tuple of `Step`s (steps.py); `Orchestr
 admission (a bound per entry point, refusal while the server drains), each step as a BLS request to its stage,
 progress EVENTs when the entry point is decoupled (config `decoupled: true`), cancellation, timings. The
 same class serves the one-response entry point (`t2v`) and the streaming one (`t2v_stream`): only the config's
-transaction policy differs.
+transaction policy differs. A stage input fed from a tensor of another name (Step.sources) is renamed on the way.
 
 Requests run on threads of the orchestrator's one (CPU) instance, so consecutive requests overlap across the
 stages (the DiT of request i+1 while the VAE and the muxer of request i run); each stage instance still takes
@@ -40,6 +40,12 @@ def stage_failure(code, message: str) -> Exception:
     if isinstance(code, str):
         code = getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL)
     return Cancelled() if code == pb_utils.TritonError.CANCELLED else StageFailure(code, message)
+
+
+def named(tensor: pb_utils.Tensor, name: str) -> pb_utils.Tensor:
+    """`tensor` under the stage input's `name` (Step.sources); a copy, so only small tensors (seeds, prompts) are
+    renamed: the large ones keep one name through the pipeline."""
+    return tensor if tensor.name() == name else pb_utils.Tensor(name, tensor.as_numpy())
 
 
 class Flight:
@@ -184,7 +190,7 @@ class Orchestrator(TritonModel):
         started = time.monotonic()
         inference = pb_utils.InferenceRequest(
             model_name=step.model,
-            inputs=[tensors[name] for name in step.inputs if name in tensors],
+            inputs=[named(tensors[step.source(name)], name) for name in step.inputs if step.source(name) in tensors],
             requested_output_names=[*step.outputs, *(["EVENT"] if step.streams else [])],
             request_id=flight.request.request_id(),
             parameters={CANCEL_PARAMETER: flight.token},

@@ -14,7 +14,16 @@ from collections.abc import Mapping
 # bf16 or fp8 on the fast engine; activations follow the device (bf16 on the GPU, float32 on the CPU). `engine_dir`:
 # where `k4serve export` wrote the engines that engine aoti | tensorrt | onnxruntime runs.
 SETTING_KEYS = ("preset", "weights", "engine", "attention", "linear", "engine_dir", "mp4_preset")
-PATH_KEYS = ("weights", "engine_dir")  # resolved to absolute paths when given on the command line
+PATH_KEYS = ("weights", "engine_dir", "v2a_weights", "v2a_encoder_weights")  # made absolute from the command line
+# config.pbtxt parameter -> V2ASettings field, for the V2A stages (v2a_encoder, v2a_sampler, vocoder). Their own
+# keys, so K4SERVE_PRESET=flash-512 sets the T2V models and K4SERVE_V2A_PRESET=kandinsky4-v2a the V2A ones.
+V2A_SETTING_KEYS = {
+    "v2a_preset": "preset",
+    "v2a_weights": "weights",
+    "v2a_encoder_weights": "encoder_weights",
+    "v2a_engine": "engine",
+    "v2a_linear": "linear",
+}
 # `mp4_preset`: the H.264 settings of the muxer and t2v_stream (fast, or official: the official writer's).
 ENV_PREFIX = "K4SERVE_"
 DEVICE_ENV = "K4SERVE_DEVICE"  # forces every stage onto one device ("cpu", "cuda:1"), whatever Triton chose
@@ -38,16 +47,28 @@ def config_parameters(model_config: Mapping) -> dict[str, str]:
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
 
 
-def pipeline_options(model_config: Mapping, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
-    """The PipelineSettings keyword arguments a model asks for; K4SERVE_<KEY> in the environment wins."""
+def _options(
+    model_config: Mapping, fields: Mapping[str, str], environ: Mapping[str, str] | None
+) -> dict[str, str | None]:
+    """{field: value} for each config parameter key of `fields` ({key: field}); K4SERVE_<KEY> wins."""
     environ = os.environ if environ is None else environ
     parameters = config_parameters(model_config)
     options: dict[str, str | None] = {}
-    for key in SETTING_KEYS:
+    for key, name in fields.items():
         value = environ.get(ENV_PREFIX + key.upper(), parameters.get(key))
         if value is not None:
-            options[key] = value or None  # an empty string clears the setting (weights "" -> random weights)
+            options[name] = value or None  # an empty string clears the setting (weights "" -> random weights)
     return options
+
+
+def pipeline_options(model_config: Mapping, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The PipelineSettings keyword arguments a model asks for; K4SERVE_<KEY> in the environment wins."""
+    return _options(model_config, {key: key for key in SETTING_KEYS}, environ)
+
+
+def v2a_options(model_config: Mapping, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The V2ASettings keyword arguments a V2A stage asks for; K4SERVE_V2A_<KEY> in the environment wins."""
+    return _options(model_config, V2A_SETTING_KEYS, environ)
 
 
 def stage_device(args: Mapping[str, str], environ: Mapping[str, str] | None = None) -> str:

@@ -1,6 +1,8 @@
-"""The four T2V stages as Triton models: text_encoder -> dit_sampler -> vae_decoder -> muxer.
+"""The four T2V stages as Triton models: text_encoder -> dit_sampler -> vae_decoder -> muxer (the V2A stages are in
+v2a_stages.py; the muxer writes the mp4 of every entry point).
 
-One instance of each per GPU serves every entry point (`t2v`, `t2v_stream`: k4serve/serving/entry_points.py).
+One instance of each per GPU serves every entry point (t2v, t2va, v2a and their streaming variants:
+k4serve/serving/entry_points.py).
 Embeddings and latents (a few MB) cross stages as float32 on the host whatever the compute dtype and device
 (bf16 -> float32 -> bf16 is exact; a few MB copied costs a millisecond, and no GPU buffer has to cross processes
 through BLS); frames stay on the host between vae_decoder and muxer, where the mp4 encoder needs them anyway. Each
@@ -23,8 +25,10 @@ from k4serve.serving.backend import (
     bytes_tensor,
     dlpack_tensor,
     input_bytes,
+    input_float,
     input_int,
     input_torch,
+    scalar_tensor,
 )
 from k4serve.serving.requests import (
     VideoShape,
@@ -33,7 +37,9 @@ from k4serve.serving.requests import (
     check_frames,
     check_latents,
     check_sample_rate,
+    check_uploaded_clip,
     decode_prompt,
+    decode_timing,
 )
 from k4serve.serving.settings import pipeline_options
 
@@ -49,17 +55,17 @@ def video_shape(request) -> VideoShape:
 
 
 class PipelineStage(StageModel):
-    """A stage that owns some components of the in-process pipeline, built once on the instance's device."""
+    """A stage that owns some components of an in-process pipeline (T2V or V2A), built once on the instance's
+    device: subclasses set `components` and build the pipeline in `build`."""
 
     components: tuple[str, ...] = ()
 
     def setup(self) -> None:
-        settings = PipelineSettings(device=self.device, **pipeline_options(self.model_config))
-        self.pipeline = T2VPipeline.from_settings(settings, components=self.components)
+        self.pipeline = self.build()
 
-    def held_modules(self) -> list:
-        encoder = self.pipeline.text_encoder
-        return [encoder.encoder if encoder is not None else None, self.pipeline.dit, self.pipeline.vae]
+    def build(self):
+        """The in-process pipeline holding only this stage's components."""
+        raise NotImplementedError
 
     def finalize(self) -> None:
         self.pipeline = None
@@ -67,7 +73,19 @@ class PipelineStage(StageModel):
             torch.cuda.empty_cache()
 
 
-class TextEncoderModel(PipelineStage):
+class T2VStage(PipelineStage):
+    """A stage holding components of the T2V pipeline (settings: pipeline_options)."""
+
+    def build(self) -> T2VPipeline:
+        settings = PipelineSettings(device=self.device, **pipeline_options(self.model_config))
+        return T2VPipeline.from_settings(settings, components=self.components)
+
+    def held_modules(self) -> list:
+        encoder = self.pipeline.text_encoder
+        return [encoder.encoder if encoder is not None else None, self.pipeline.dit, self.pipeline.vae]
+
+
+class TextEncoderModel(T2VStage):
     """PROMPT (BYTES, UTF-8) -> EMBEDDINGS float32 [224, text_dim]."""
 
     stage = "text_encoder"
@@ -79,7 +97,7 @@ class TextEncoderModel(PipelineStage):
         return [dlpack_tensor("EMBEDDINGS", embeddings.cpu())]
 
 
-class DiTSamplerModel(PipelineStage):
+class DiTSamplerModel(T2VStage):
     """EMBEDDINGS, HEIGHT, WIDTH, SECONDS, SEED (optional) -> EVENT per Flash step, then LATENTS float32
     [T, H/8, W/8, 16] and SEED_USED."""
 
@@ -92,11 +110,10 @@ class DiTSamplerModel(PipelineStage):
         check_embeddings(embeddings, self.pipeline.dit.config.in_text_dim)
         progress.step(0, FLASH_STEPS)
         latents = self.pipeline.sample(embeddings, shape.height, shape.width, shape.seconds, shape.seed, progress.step)
-        seed = torch.tensor([shape.seed], dtype=torch.int64)
-        return [dlpack_tensor("LATENTS", latents.float().cpu()), dlpack_tensor("SEED_USED", seed)]
+        return [dlpack_tensor("LATENTS", latents.float().cpu()), scalar_tensor("SEED_USED", shape.seed, torch.int64)]
 
 
-class VaeDecoderModel(PipelineStage):
+class VaeDecoderModel(T2VStage):
     """LATENTS float32 [T, H/8, W/8, 16] -> EVENT per temporal chunk, then FRAMES uint8 [4(T-1)+1, H, W, 3]."""
 
     stage = "vae_decoder"
@@ -115,7 +132,11 @@ class VaeDecoderModel(PipelineStage):
 
 
 class MuxerModel(StageModel):
-    """FRAMES uint8 [F, H, W, 3] (+ AUDIO float32 [N] in [-1, 1], SAMPLE_RATE) -> MP4 bytes (H.264, AAC)."""
+    """FRAMES uint8 [F, H, W, 3] (+ AUDIO float32 [N] in [-1, 1], SAMPLE_RATE) -> MP4 bytes (H.264, AAC).
+
+    FPS (optional): the frames' rate, for an uploaded clip's frames (v2a); without it FRAMES are t2v's, at 8 fps.
+    TIMING (optional): "pad" (default: the video keeps its rate, the audio is padded or cut) or "retime" (the
+    official: the frames play over the audio's length)."""
 
     stage = "muxer"
     uses_device = False  # ffmpeg runs on the host
@@ -125,7 +146,13 @@ class MuxerModel(StageModel):
 
     def run(self, request, progress: StageProgress) -> list:
         frames = input_torch(request, "FRAMES")
-        check_frames(frames)
+        fps = input_float(request, "FPS", required=False)
+        if fps is None:  # t2v's frames
+            check_frames(frames)
+            fps = FPS
+        else:
+            check_uploaded_clip(frames, fps)
+        timing = decode_timing(input_bytes(request, "TIMING", required=False))
         audio = input_torch(request, "AUDIO", required=False)
         sample_rate = input_int(request, "SAMPLE_RATE", required=False)
         if audio is None and sample_rate is not None:
@@ -136,5 +163,5 @@ class MuxerModel(StageModel):
             check_audio(audio, sample_rate)
             audio = audio.cpu().numpy()
         progress.check()
-        mp4 = encode_mp4(frames.cpu().numpy(), FPS, audio, sample_rate or SAMPLE_RATE, x264=self.x264)
+        mp4 = encode_mp4(frames.cpu().numpy(), fps, audio, sample_rate or SAMPLE_RATE, timing, self.x264)
         return [bytes_tensor("MP4", mp4)]
