@@ -176,6 +176,7 @@ def main() -> None:
             eager_audio = vocode(eager_image, official_solve, generator(), params)[1]
         except Exception:
             traceback.print_exc()
+
         def magnitudes(waveform) -> torch.Tensor:
             """|STFT| of a waveform at the spectrogram's own resolution: what is heard. Griffin-Lim from the same
             initial phase turns a 1e-2 change of the latents into an O(1) change of the samples (their phase), so

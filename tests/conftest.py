@@ -31,12 +31,8 @@ def triton_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("tritonserver") / "server.log"
     # Pin the settings the tests assume, whatever K4SERVE_* the caller's environment holds.
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
-    server = TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)).start()
-    try:
-        server.wait_ready(timeout_s=300)
+    with TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

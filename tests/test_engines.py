@@ -140,8 +140,7 @@ def test_server_stages_serve_from_onnxruntime_engines_equal_to_eager(engine_dir,
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_DEVICE": "", "K4SERVE_ENGINE": "onnxruntime",
            "K4SERVE_ENGINE_DIR": str(engine_dir)}  # fmt: skip
     options = ServerOptions(host="127.0.0.1", env=env, log=tmp_path / "server.log", models=["t2v"])
-    with TritonServer(options).start() as server:
-        server.wait_ready(timeout_s=300)
+    with TritonServer(options) as server:
         with T2VClient(server.grpc_url, timeout_s=240) as client:
             video = client.generate(VideoRequest(PROMPT, *SIZE, seconds=1, seed=7))
     served, _ = decode_mp4(video.mp4)

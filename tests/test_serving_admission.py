@@ -31,12 +31,8 @@ def server(tmp_path_factory):
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
     env |= {"K4SERVE_MAX_QUEUE": str(BOUND)}
     log = tmp_path_factory.mktemp("tritonserver-admission") / "server.log"
-    server = TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)).start()
-    try:
-        server.wait_ready(timeout_s=300)
+    with TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

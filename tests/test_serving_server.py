@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tritonclient.grpc")
-import tritonclient.grpc as grpcclient  # noqa: E402
-from serving_helpers import PROMPT, SIZE, TIMEOUT_S, metric, metrics, wait_for  # noqa: E402
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
+from serving_helpers import PROMPT, SIZE, TIMEOUT_S, grpc_inputs, metric, metrics, wait_for  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from k4serve.client.client import AsyncT2VClient, T2VClient, Video, VideoRequest  # noqa: E402
 from k4serve.pipelines.t2v import MAX_SEED, PipelineSettings, T2VPipeline, num_frames  # noqa: E402
@@ -50,16 +49,6 @@ def assert_video(video: Video, seconds: int) -> np.ndarray:
     assert frames.shape == (num_frames(seconds), *SIZE, 3)
     assert fps == FPS
     return frames
-
-
-def raw_inputs(**values: np.ndarray) -> list:
-    """Triton inputs exactly as given (for requests the client library would not build)."""
-    tensors = []
-    for name, value in values.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        tensors.append(tensor)
-    return tensors
 
 
 def good_inputs(**overrides: np.ndarray) -> dict[str, np.ndarray]:
@@ -137,7 +126,7 @@ BAD_INPUTS = {
 def test_bad_input_is_invalid_argument_and_server_keeps_serving(client, case):
     inputs, message = BAD_INPUTS[case]
     with pytest.raises(InferenceServerException) as raised:
-        client.client.infer("t2v", raw_inputs(**inputs), client_timeout=TIMEOUT_S)
+        client.client.infer("t2v", grpc_inputs(inputs), client_timeout=TIMEOUT_S)
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert message in raised.value.message()
 
@@ -145,7 +134,7 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(client, case):
 def test_server_keeps_serving_after_bad_inputs(client):
     for inputs, _ in BAD_INPUTS.values():
         with pytest.raises(InferenceServerException):
-            client.client.infer("t2v", raw_inputs(**inputs), client_timeout=TIMEOUT_S)
+            client.client.infer("t2v", grpc_inputs(inputs), client_timeout=TIMEOUT_S)
     assert_video(client.generate(VideoRequest(PROMPT, *SIZE, seconds=0, seed=1)), 0)
 
 

@@ -41,12 +41,8 @@ def server(tmp_path_factory):
     # One torch thread per stage process, as the in-process references below (the same numerics): on a loaded
     # 2-core machine seven stages spinning two OpenMP threads each are several times slower.
     env |= {"OMP_NUM_THREADS": "1"}
-    server = TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log, models=MODELS)).start()
-    try:
-        server.wait_ready(timeout_s=300)
+    with TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log, models=MODELS)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from k4serve.serving.control import CONTROL_DIR_ENV, DRAINING_FILE
 from k4serve.serving.front import HttpFront
-from k4serve.serving.shm import region_prefix, regions, remove_regions, remove_stale_regions
+from k4serve.serving.shm import SHM_DIR, region_prefix, regions, remove_regions, remove_stale_regions
 from k4serve.serving.supervisor import UNLOAD_WAIT_S, Supervisor, stub_processes
 from k4serve.serving.triton_api import TritonApi, TritonError, metric_sum, restriction_flags
 
@@ -54,6 +54,8 @@ _ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"')  # the models an ensembl
 IN_FLIGHT_METRIC = "k4serve_requests_in_flight"  # the entry points' gauge of requests they hold
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's queued (not yet executing) requests
 DRAIN_REPORT_S = 10.0  # how often a drain that is still waiting says what for
+SHM_DEFAULT_BYTES = 256 * 2**20  # each Python stub's first shared-memory region (tensors in and out)
+SHM_GROWTH_BYTES = 128 * 2**20  # how much it grows when a request needs more
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,11 @@ class TritonServer:
             "--model-load-thread-count=8",
             # Shared-memory names that say which launcher owns them (several servers can share a host).
             f"--backend-config=python,shm-region-prefix-name={self.region_prefix}",
+            # Each stub's region starts at the 1 MiB default and grows 1 MiB at a time: a 12 s video's frames (75 MB)
+            # would grow it ~75 times per request, under several requests at once. Start where a few requests fit
+            # (tmpfs pages cost memory only once written). `--triton-option` given later overrides these.
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
             f"--grpc-address={o.host}",
             f"--grpc-port={o.grpc_port}",
             "--http-address=127.0.0.1",  # clients reach HTTP through the front only
@@ -295,7 +302,10 @@ class TritonServer:
         ]
 
     def start(self) -> TritonServer:
-        """Launch tritonserver and the HTTP front (returns at once; see wait_ready)."""
+        """Launch tritonserver and the HTTP front (returns at once; see wait_ready). `with TritonServer(...)` calls
+        it (and wait_ready) itself."""
+        if self.process is not None:
+            raise RuntimeError("this TritonServer was already started: use `with TritonServer(options)` or start()")
         if not (self.repository / "t2v" / "config.pbtxt").is_file():
             raise FileNotFoundError(
                 f"{self.repository} is not a k4serve model repository (no t2v/config.pbtxt): pass --model-repository "
@@ -304,6 +314,7 @@ class TritonServer:
         stale = remove_stale_regions()
         if stale:
             log.warning("k4serve: removed %d shared-memory regions of launchers that are gone", len(stale))
+        self._check_shared_memory()
         self._workdir = tempfile.TemporaryDirectory(prefix="k4serve-triton-")
         work = Path(self._workdir.name)
         self.control_dir.mkdir()
@@ -343,6 +354,23 @@ class TritonServer:
         )
         self.supervisor = Supervisor(self.process, self.api, self.models, self.region_prefix)
         return self
+
+    def _check_shared_memory(self) -> None:
+        """Warn when /dev/shm cannot hold every stage's first region: a stub whose region cannot grow dies (SIGBUS)."""
+        try:
+            stat = os.statvfs(SHM_DIR)
+        except OSError:
+            return
+        free = stat.f_bavail * stat.f_frsize
+        needed = len(models_to_load(self.repository, self.options.models)) * SHM_DEFAULT_BYTES
+        if free < needed:
+            log.warning(
+                "k4serve: %s has %.0f MiB free, less than the %.0f MiB the stages' first shared-memory regions take; "
+                "give it more (docker run --shm-size=8g; Kubernetes: an emptyDir with medium Memory on /dev/shm)",
+                SHM_DIR,
+                free / 2**20,
+                needed / 2**20,
+            )
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every model is loaded, then supervise; raise with the log's tail if the server exits."""
