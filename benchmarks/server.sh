@@ -32,7 +32,10 @@ while time.monotonic() - started < 600:
 else:
     raise SystemExit("not ready after 600 s")
 PY
-gpu_memory() { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; }
+gpu_memory() {
+  if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+  else echo "CPU, no GPU"; fi
+}
 loaded=$(gpu_memory)
 echo "GPU memory with every model loaded: $loaded"
 $PY -m k4serve.cli bench --url $URL --model t2v_stream --concurrency 1,2,4 --requests "$REQUESTS" \
