@@ -39,9 +39,10 @@ from vocoder import official_solve, vocode
 
 from k4serve.models.audio import spectrogram_image_to_audio
 from k4serve.models.cogvlm2_video import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, Conditioning
+from k4serve.models.frame_sampling import conditioning_frame_indices
 from k4serve.models.pndm import unet_denoiser
 from k4serve.models.sd_vae import to_uint8_image
-from k4serve.pipelines.media import conditioning_frame_indices, trim_video
+from k4serve.pipelines.media import trim_video
 from k4serve.pipelines.v2a import PIPELINE_PRESETS, V2APipeline, V2ASettings
 from k4serve.pipelines.video_io import MP4_PRESETS, encode_mp4
 

@@ -29,7 +29,7 @@ from k4serve.models.cogvlm2_video import (
 )
 from k4serve.models.dit import init_random_weights
 from k4serve.models.eva2_clip import EVA2CLIPConfig, EVA2CLIPModel, TransformerLayer
-from k4serve.models.frame_sampling import sample_frame_indices, trimmed_clip
+from k4serve.models.frame_sampling import conditioning_frame_indices, official_trim
 
 CONFIG = PRESETS["tiny"]
 BOS, PAD = CONFIG.bos_token_id, CONFIG.pad_token_id
@@ -317,13 +317,12 @@ def test_sample_frame_indices_equal_the_official_formula(n, fps):
     duration = min(int(n / fps), 12)
     total = int(duration * fps)
     official = np.linspace(0, total - 1, 96, dtype=int)
-    np.testing.assert_array_equal(sample_frame_indices(n, fps), official)
-    assert trimmed_clip(n, fps) == (duration, total)
+    assert official_trim(n, fps) == (duration, total)
+    np.testing.assert_array_equal(conditioning_frame_indices(official_trim(n, fps)[1]), official)
 
 
-def test_a_clip_under_one_second_is_refused():
-    with pytest.raises(ValueError, match="at least 1 s"):
-        sample_frame_indices(20, 30.0)
+def test_a_clip_under_one_second_keeps_nothing():
+    assert official_trim(20, 30.0) == (0, 0)  # trim_video refuses it, naming the length (test_video_io.py)
 
 
 # ---- checkpoint loading ----

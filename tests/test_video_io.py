@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 from mp4_probe import FFMPEG, probe_mp4
 
-from k4serve.pipelines.media import (
-    MediaError,
-    UploadLimits,
-    conditioning_frame_indices,
-    decode_video,
-    official_trim,
-    parse_ffmpeg_probe,
-    trim_video,
-)
+from k4serve.models.frame_sampling import conditioning_frame_indices, official_trim
+from k4serve.pipelines.media import MediaError, UploadLimits, decode_video, parse_ffmpeg_probe, trim_video
 from k4serve.pipelines.t2v import RequestError
 from k4serve.pipelines.video_io import (
     DEFAULT_MP4_PRESET,

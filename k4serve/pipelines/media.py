@@ -23,10 +23,9 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
+from k4serve.models.frame_sampling import MAX_DURATION_S as MAX_SECONDS
+from k4serve.models.frame_sampling import official_trim
 from k4serve.pipelines.t2v import RequestError
-
-MAX_SECONDS = 12  # the official load_video's max_duration_sec
-CONDITIONING_FRAMES = 96  # frames sampled evenly for CogVLM2-Video (the official num_frames=96)
 
 
 class MediaError(RequestError):
@@ -78,12 +77,6 @@ class TrimmedVideo:
         )
 
 
-def official_trim(n_frames: int, fps: float, max_seconds: int = MAX_SECONDS) -> tuple[int, int]:
-    """(seconds, frames kept) of the official load_video: int(n / fps) capped at max_seconds, int(seconds * fps)."""
-    seconds = min(int(n_frames / fps), max_seconds)
-    return seconds, int(seconds * fps)
-
-
 def trim_video(
     frames: np.ndarray, fps: float, source_seconds: float | None = None, max_seconds: int = MAX_SECONDS
 ) -> TrimmedVideo:
@@ -124,11 +117,6 @@ def check_frames(frames: np.ndarray, fps: float, limits: UploadLimits = UploadLi
         raise MediaError(f"the frame rate must be a positive number of frames per second, got {fps!r}")
     stream = VideoStream(0, "rawvideo", frames.shape[2], frames.shape[1], float(fps), "frames", len(frames) / fps)
     check_limits(stream, len(frames), limits)
-
-
-def conditioning_frame_indices(n_frames: int, count: int = CONDITIONING_FRAMES) -> np.ndarray:
-    """The official `np.linspace(0, n - 1, count, dtype=int)`: `count` frames spread evenly (repeats if n < count)."""
-    return np.linspace(0, n_frames - 1, count, dtype=int)
 
 
 def decode_video(data: bytes, limits: UploadLimits = UploadLimits(), max_seconds: int = MAX_SECONDS) -> TrimmedVideo:

@@ -38,20 +38,20 @@ from k4serve.models.cogvlm2_video import (
     Conditioning,
 )
 from k4serve.models.cogvlm2_video import PRESETS as ENCODER_PRESETS
+from k4serve.models.frame_sampling import NUM_FRAMES as CONDITIONING_FRAMES
+from k4serve.models.frame_sampling import conditioning_frame_indices
 from k4serve.models.pndm import PNDMConfig, PNDMSampler, unet_denoiser
 from k4serve.models.sd_vae import PRESETS as VAE_PRESETS
 from k4serve.models.sd_vae import SDVAEConfig, SDVAEDecoder, build_sd_vae_decoder, load_sd_vae_decoder, to_uint8_image
 from k4serve.models.v2a_unet import PRESETS as UNET_PRESETS
 from k4serve.models.v2a_unet import V2AUNet, build_v2a_unet, load_v2a_unet
 from k4serve.pipelines.media import (
-    CONDITIONING_FRAMES,
     MAX_SECONDS,
     MediaError,
     TrimmedVideo,
     UploadLimits,
     check_frames,
     clip_seconds,
-    conditioning_frame_indices,
     decode_video,
     trim_video,
 )

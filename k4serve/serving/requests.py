@@ -15,8 +15,8 @@ import torch
 
 from k4serve.models.audio import latent_width
 from k4serve.models.cogvlm2_video import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, PROMPT_TOKENS
+from k4serve.models.frame_sampling import NUM_FRAMES as CONDITIONING_FRAMES
 from k4serve.models.t5 import MAX_TOKENS
-from k4serve.pipelines.media import CONDITIONING_FRAMES
 from k4serve.pipelines.media import MAX_SECONDS as MAX_CLIP_SECONDS
 from k4serve.pipelines.media import check_frames as check_clip_frames
 from k4serve.pipelines.t2v import (

@@ -33,6 +33,7 @@ from k4serve.serving.backend import (
 from k4serve.serving.requests import (
     VideoShape,
     check_audio,
+    check_clip_seconds,
     check_embeddings,
     check_frames,
     check_latents,
@@ -135,6 +136,8 @@ class MuxerModel(StageModel):
     """FRAMES uint8 [F, H, W, 3] (+ AUDIO float32 [N] in [-1, 1], SAMPLE_RATE) -> MP4 bytes (H.264, AAC).
 
     FPS (optional): the frames' rate, for an uploaded clip's frames (v2a); without it FRAMES are t2v's, at 8 fps.
+    CLIP_SECONDS (optional, t2va): keep the first int(seconds x fps) frames, the whole seconds V2A made sound for,
+    as the official V2A writes them (12 s of t2v's 97 frames: 96) and `k4serve generate --audio` does.
     TIMING (optional): "pad" (default: the video keeps its rate, the audio is padded or cut) or "retime" (the
     official: the frames play over the audio's length)."""
 
@@ -152,6 +155,15 @@ class MuxerModel(StageModel):
             fps = FPS
         else:
             check_uploaded_clip(frames, fps)
+        seconds = input_int(request, "CLIP_SECONDS", required=False)
+        if seconds is not None:
+            check_clip_seconds(seconds)
+            kept = int(seconds * fps)
+            if kept > len(frames):
+                raise RequestError(
+                    f"CLIP_SECONDS {seconds} needs {kept} frames at {fps:g} fps, FRAMES holds {len(frames)}"
+                )
+            frames = frames[:kept]
         timing = decode_timing(input_bytes(request, "TIMING", required=False))
         audio = input_torch(request, "AUDIO", required=False)
         sample_rate = input_int(request, "SAMPLE_RATE", required=False)

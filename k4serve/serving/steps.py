@@ -52,8 +52,8 @@ VOCODER_STEP = Step(
 )
 
 # t2v, then sound for its frames. The audio is drawn from the video's seed (SEED_USED reproduces both), its prompt
-# is the request's AUDIO_PROMPT (absent: the official V2A prompt, as `k4serve generate --audio`), and the muxer
-# gets every frame of the video: t2va's frames are t2v's for the same seed.
+# is the request's AUDIO_PROMPT (absent: the official V2A prompt, as `k4serve generate --audio`), and the muxer keeps
+# the whole seconds V2A made sound for, as the official V2A writes them: 12 s of t2v's 97 frames are 96.
 T2VA_STEPS = (
     *T2V_STEPS[:-1],
     Step(
@@ -71,7 +71,7 @@ T2VA_STEPS = (
         sources={"SEED": "SEED_USED"},
     ),
     VOCODER_STEP,
-    Step("muxer", inputs=("FRAMES", "AUDIO", "SAMPLE_RATE", "TIMING"), outputs=("MP4",)),
+    Step("muxer", inputs=("FRAMES", "CLIP_SECONDS", "AUDIO", "SAMPLE_RATE", "TIMING"), outputs=("MP4",)),
 )
 
 # An uploaded video gets a soundtrack: the encoder decodes and trims it, the muxer writes its kept frames.
