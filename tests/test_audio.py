@@ -136,12 +136,17 @@ def test_griffin_lim_equals_a_numpy_implementation_from_the_same_initial_phase(p
     ours = griffin_lim(magnitude, p, torch.Generator().manual_seed(5))
     assert ours.dtype == torch.float64 and ours.shape == (audio_samples(width, p),)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-9 * np.abs(expected).max())
-    # The float32 path (what the official runs): 32 momentum steps amplify float32 rounding to ~5e-5.
+    # The float32 path (what the official runs) against the same float64 computation: momentum 0.99 amplifies float32
+    # rounding with every step, by how much depends on the CPU's FFT (measured here: rel. L2 1e-5 after 8 steps,
+    # 2e-3 after 32; per sample up to 0.5 % of the peak), so the bound is on the whole waveform and tight early on.
     phase32 = torch.rand((1, p.n_stft, width), dtype=torch.complex64, generator=torch.Generator().manual_seed(5))
-    expected32 = numpy_griffin_lim(magnitude.numpy(), phase32[0].numpy().astype(np.complex128), p)
-    ours32 = griffin_lim(magnitude.float(), p, torch.Generator().manual_seed(5))
-    assert ours32.dtype == torch.float32
-    np.testing.assert_allclose(ours32.double().numpy(), expected32, rtol=0, atol=2e-4 * np.abs(expected32).max())
+    for steps, bound in ((min(8, p.griffin_lim_iters), 1e-4), (p.griffin_lim_iters, 1e-2)):
+        q = replace(p, griffin_lim_iters=steps)
+        expected32 = numpy_griffin_lim(magnitude.numpy(), phase32[0].numpy().astype(np.complex128), q)
+        ours32 = griffin_lim(magnitude.float(), q, torch.Generator().manual_seed(5))
+        assert ours32.dtype == torch.float32
+        error = np.linalg.norm(ours32.double().numpy() - expected32) / np.linalg.norm(expected32)
+        assert error < bound, (steps, error)
 
 
 def test_griffin_lim_is_seeded_and_keeps_batch_dimensions():
