@@ -26,12 +26,14 @@ def triton_server(tmp_path_factory):
     Its log is written to the session's temp directory and quoted when the server fails to start.
     """
     pytest.importorskip("pytriton", reason="tritonserver comes with the serve extra: pip install 'k4serve[serve]'")
+    from serving_helpers import T2V_ENTRY_POINTS
+
     from k4serve.serving.launcher import ServerOptions, TritonServer
 
     log = tmp_path_factory.mktemp("tritonserver") / "server.log"
     # Pin the settings the tests assume, whatever K4SERVE_* the caller's environment holds.
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
-    with TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)) as server:
+    with TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log, models=T2V_ENTRY_POINTS)) as server:
         yield server
 
 

@@ -44,6 +44,11 @@ def wait_for(condition, what: str, timeout_s: float = TIMEOUT_S, interval_s: flo
         time.sleep(interval_s)
 
 
+# What the T2V server tests load: the two T2V entry points and their stages (the V2A ones: test_serving_v2a.py).
+# Seven more stub processes, each importing torch, would only slow every start on a 2-core machine.
+T2V_ENTRY_POINTS = ["t2v", "t2v_stream"]
+
+
 def grpc_inputs(values: dict[str, np.ndarray]) -> list:
     """Triton inputs exactly as given (for requests the client library would not build)."""
     import tritonclient.grpc as grpcclient

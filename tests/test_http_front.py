@@ -137,4 +137,12 @@ def test_stub_command_lines_and_stale_regions(tmp_path):
 
 def test_entry_points_are_the_models_no_other_calls():
     models = models_to_load(REPO_MODEL_REPOSITORY, None)
-    assert entry_points(REPO_MODEL_REPOSITORY, models) == ["t2v", "t2v_stream"]
+    assert entry_points(REPO_MODEL_REPOSITORY, models) == [
+        "t2v",
+        "t2v_stream",
+        "t2va",
+        "t2va_stream",
+        "v2a",
+        "v2a_stream",
+    ]
+    assert entry_points(REPO_MODEL_REPOSITORY, models_to_load(REPO_MODEL_REPOSITORY, ["v2a"])) == ["v2a"]

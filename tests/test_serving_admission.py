@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 pytest.importorskip("tritonclient.grpc")
-from serving_helpers import PROMPT, SIZE, TIMEOUT_S, in_flight, metric, metrics, wait_for  # noqa: E402
+from serving_helpers import PROMPT, SIZE, T2V_ENTRY_POINTS, TIMEOUT_S, in_flight, metric, metrics, wait_for  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from k4serve.client.client import AsyncT2VClient, Video, VideoRequest  # noqa: E402
@@ -31,7 +31,7 @@ def server(tmp_path_factory):
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
     env |= {"K4SERVE_MAX_QUEUE": str(BOUND)}
     log = tmp_path_factory.mktemp("tritonserver-admission") / "server.log"
-    with TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log)) as server:
+    with TritonServer(ServerOptions(host="127.0.0.1", env=env, log=log, models=T2V_ENTRY_POINTS)) as server:
         yield server
 
 

@@ -29,6 +29,7 @@ pytest.importorskip("pytriton", reason="tritonserver comes with the serve extra:
 pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
+from serving_helpers import T2V_ENTRY_POINTS  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from k4serve.client.client import T2VClient, Video, VideoRequest  # noqa: E402
@@ -146,7 +147,7 @@ def running(server: Serve):
 
 @pytest.fixture(scope="module")
 def serve(stale_regions, tmp_path_factory):
-    with running(Serve(tmp_path_factory.mktemp("serve"))) as server:
+    with running(Serve(tmp_path_factory.mktemp("serve"), "--models", *T2V_ENTRY_POINTS)) as server:
         yield server
 
 

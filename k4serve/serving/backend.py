@@ -138,8 +138,10 @@ def cancel_token(request) -> str | None:
 
 
 def weights_bytes(modules) -> int:
-    """Bytes of the parameters and buffers of `modules` (None entries skipped)."""
-    tensors = [t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())]
+    """Bytes of the parameters and buffers of the torch modules among `modules`. None entries and exported engines
+    (onnxruntime, TensorRT, AOTInductor: their weights live in the runtime, not in torch) are not counted."""
+    torch_modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    tensors = [t for m in torch_modules for t in (*m.parameters(), *m.buffers())]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -169,7 +171,8 @@ class ModelMetrics:
         )
         self.weights = family(
             name="k4serve_weights_bytes",
-            description="Bytes of model weights (parameters and buffers) one model instance holds",
+            description="Bytes of torch model weights (parameters and buffers) one model instance holds; "
+            "an exported engine's are not counted",
             kind=family.GAUGE,
         )
         labels = {"model": model, "instance": instance, "device": device}
