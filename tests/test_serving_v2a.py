@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from k4serve.client.client import AudioRequest, T2VClient, V2ARequest, Video  # noqa: E402
 from k4serve.pipelines.t2v import MAX_SEED, PipelineSettings, T2VPipeline, num_frames  # noqa: E402
-from k4serve.pipelines.v2a import V2APipeline, V2ASettings  # noqa: E402
+from k4serve.pipelines.v2a import V2APipeline, V2ASettings, load_clip  # noqa: E402
 from k4serve.pipelines.video_io import FPS, decode_mp4, encode_mp4, encode_png  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("single_thread")]
@@ -93,6 +93,8 @@ def test_v2a_equals_the_in_process_pipeline(client, v2a, tmp_path):
     clip = upload()
     served = client.generate(V2ARequest(clip, SOUND_PROMPT, NEGATIVE, seed=3, timing="retime", request_id="rain"))
     assert served.seed == 3 and served.request_id == "rain"
+    assert served.notice == load_clip(clip).notice  # the response says what the official trim cut: 1.2 s -> 1 s
+    assert served.notice.startswith("the video was trimmed from 1.20 s to its first 1 s (10 frames at 10 fps)")
     expected, audio = v2a.add_audio(clip, SOUND_PROMPT, NEGATIVE, seed=3, timing="retime")
     _, samples, frames = assert_same_video(served.mp4, expected, tmp_path)
     assert len(frames) == 10  # the first whole second of the 10 fps upload
@@ -237,12 +239,13 @@ def test_request_command_audio_and_v2a(server, tmp_path, capsys):
     assert main([*audio, *url]) == 0
     assert "seed 5" in capsys.readouterr().out
     info, samples, frames = probe_mp4(sound.read_bytes(), tmp_path)
-    assert "44100 Hz" in info and frames == num_frames(1) and np.abs(samples).max() > 100
+    assert "44100 Hz" in info and frames == int(FPS) and np.abs(samples).max() > 100  # its whole second
     clip, output = tmp_path / "in.mp4", tmp_path / "out.mp4"
     clip.write_bytes(upload())
     argv = ["request", "--v2a", str(clip), "--prompt", SOUND_PROMPT, "--timing", "pad", "-o", str(output), *url]
     assert main([*argv, "--seed", "6"]) == 0
-    assert "seed 6" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "seed 6" in out and "note: the video was trimmed from 1.20 s to its first 1 s" in out
     assert "44100 Hz" in probe_mp4(output.read_bytes(), tmp_path)[0]
     clip.write_bytes(b"not a video")
     assert main(argv) == 2

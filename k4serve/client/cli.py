@@ -67,6 +67,8 @@ def run_request(args: argparse.Namespace) -> int:
     output.write_bytes(video.mp4)
     elapsed = time.perf_counter() - started
     print(f"wrote {output} ({len(video.mp4)} bytes, seed {video.seed}, request {video.request_id}) in {elapsed:.1f} s")
+    if video.notice:
+        print(f"note: {video.notice}")
     return 0
 
 

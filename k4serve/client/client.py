@@ -37,6 +37,7 @@ class EntryPointRequest:
 
     model: ClassVar[str]
     stream_model: ClassVar[str]
+    outputs: ClassVar[tuple[str, ...]] = ("MP4", "SEED_USED")
     request_id: str
 
     def values(self) -> dict[str, np.ndarray]:
@@ -109,6 +110,7 @@ class V2ARequest(EntryPointRequest):
 
     model: ClassVar[str] = "v2a"
     stream_model: ClassVar[str] = "v2a_stream"
+    outputs: ClassVar[tuple[str, ...]] = ("MP4", "SEED_USED", "NOTICE")
 
     video: bytes
     prompt: str | None = None
@@ -128,11 +130,13 @@ class V2ARequest(EntryPointRequest):
 
 @dataclass(frozen=True)
 class Video:
-    """A finished request: the mp4, the seed it used, and its request id."""
+    """A finished request: the mp4, the seed it used, its request id, and what the server cut from an uploaded video
+    to its first whole seconds (v2a; "" when nothing)."""
 
     mp4: bytes
     seed: int
     request_id: str
+    notice: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,13 +150,15 @@ class Progress:
     elapsed: float  # seconds since the server started the request
 
 
-def _outputs(module) -> list:
-    return [module.InferRequestedOutput(name) for name in ("MP4", "SEED_USED")]
+def _outputs(module, request: EntryPointRequest) -> list:
+    return [module.InferRequestedOutput(name) for name in request.outputs]
 
 
 def _video(result) -> Video:
     """The final response -> Video; the request id is the server's echo of the one sent."""
-    return Video(bytes(result.as_numpy("MP4")[0]), int(result.as_numpy("SEED_USED")[0]), result.get_response().id)
+    notice = result.as_numpy("NOTICE")
+    mp4, seed = bytes(result.as_numpy("MP4")[0]), int(result.as_numpy("SEED_USED")[0])
+    return Video(mp4, seed, result.get_response().id, "" if notice is None else notice[0].decode())
 
 
 class T2VClient:
@@ -169,7 +175,7 @@ class T2VClient:
         result = self.client.infer(
             request.model,
             request.inputs(),
-            outputs=_outputs(grpcclient),
+            outputs=_outputs(grpcclient, request),
             request_id=request.request_id,
             client_timeout=self.timeout_s,
         )
@@ -214,7 +220,7 @@ class AsyncT2VClient:
         result = await self.client.infer(
             request.model,
             request.inputs(grpcclient_aio),
-            outputs=_outputs(grpcclient_aio),
+            outputs=_outputs(grpcclient_aio, request),
             request_id=request.request_id,
             client_timeout=self.timeout_s,
         )

@@ -70,7 +70,7 @@ class V2AModel(Orchestrator):
     whole seconds (at most 12) with a generated soundtrack + SEED_USED (`v2a`), with EVENTs before (`v2a_stream`)."""
 
     steps = V2A_STEPS
-    outputs = OUTPUTS
+    outputs = (*OUTPUTS, "NOTICE")  # what the official trim cut from the upload ("" when nothing)
 
     def check(self, request) -> None:
         decode_audio_prompts(

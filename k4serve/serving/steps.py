@@ -79,7 +79,7 @@ V2A_STEPS = (
     Step(
         "v2a_encoder",
         inputs=("VIDEO", "PROMPT", "NEGATIVE_PROMPT"),
-        outputs=(*V2A_FEATURES, "FRAMES", "FPS"),
+        outputs=(*V2A_FEATURES, "FRAMES", "FPS", "NOTICE"),
         streams=True,
     ),
     Step("v2a_sampler", inputs=(*V2A_FEATURES, "SEED"), outputs=("AUDIO_LATENTS", "SEED_USED"), streams=True),

@@ -16,6 +16,7 @@ from k4serve.pipelines.v2a import V2APipeline, V2ASettings, load_clip
 from k4serve.pipelines.video_io import FPS
 from k4serve.serving.backend import (
     StageProgress,
+    bytes_tensor,
     dlpack_tensor,
     input_bytes,
     input_int,
@@ -48,7 +49,8 @@ class V2AStage(PipelineStage):
 class V2AEncoderModel(V2AStage):
     """VIDEO (BYTES: a video file) or FRAMES (uint8 [F, H, W, 3], t2v's at 8 fps), PROMPT and NEGATIVE_PROMPT
     (optional; the official V2A prompts) -> PROMPT_FEATURES float32 [2, 100, D], VIDEO_FEATURES float32 [2, 96, D]
-    ([uncond; cond]) and CLIP_SECONDS int32 [1]; for VIDEO also the trimmed clip's FRAMES and FPS float64 [1].
+    ([uncond; cond]) and CLIP_SECONDS int32 [1]; for VIDEO also the trimmed clip's FRAMES, FPS float64 [1] and
+    NOTICE (BYTES: what the trim cut, "" when nothing).
 
     A video is cut to its first whole seconds (at most 12) once, here, as the official `load_video` does; the muxer
     gets those frames. t2v's frames stay with the entry point, which hands them to the muxer itself.
@@ -84,6 +86,7 @@ class V2AEncoderModel(V2AStage):
         if video is not None:
             # float64: the rate ffmpeg printed (29.97) reaches the muxer as it is; float32 would make it 29.969999.
             outputs += [dlpack_tensor("FRAMES", clip.frames), scalar_tensor("FPS", clip.fps, torch.float64)]
+            outputs.append(bytes_tensor("NOTICE", clip.notice or ""))  # the client learns what was cut
         return outputs
 
 
