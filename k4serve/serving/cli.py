@@ -90,7 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=port(args.http_port, 8000),
         metrics_port=port(args.metrics_port, 8002),
         gpus=args.gpus,
-        models=args.models,
+        # --once sends one t2v_stream request: without --models, load only that entry point and its stages
+        models=args.models if args.models is not None or args.once is None else ["t2v_stream"],
         env=stage_env(args),
         log=args.log_file,
         log_verbose=args.log_verbose,
