@@ -18,6 +18,7 @@ from k4serve.serving.control import (
     control_dir,
     is_draining,
     max_queue,
+    max_stage_calls,
 )
 from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, models_to_load
 from k4serve.serving.requests import (
@@ -230,6 +231,13 @@ def test_max_queue_comes_from_the_config_unless_the_environment_says():
     for bad in ("0", "-2", "many", ""):
         with pytest.raises(ValueError, match="max_queue must be a whole number >= 1"):
             max_queue({"max_queue": bad}, environ={})
+
+
+def test_stage_calls_at_once_default_to_two_unless_the_environment_says():
+    assert max_stage_calls(environ={}) == 2
+    assert max_stage_calls(environ={"K4SERVE_MAX_STAGE_CALLS": "4"}) == 4
+    with pytest.raises(ValueError, match=r"max_stage_calls must be a whole number >= 1 \(K4SERVE_MAX_STAGE_CALLS\)"):
+        max_stage_calls(environ={"K4SERVE_MAX_STAGE_CALLS": "0"})
 
 
 def test_control_dir_is_the_environment_s_or_a_temp_one(tmp_path):

@@ -24,6 +24,12 @@ from typing import NamedTuple
 
 CONTROL_DIR_ENV = "K4SERVE_CONTROL_DIR"
 MAX_QUEUE_ENV = "K4SERVE_MAX_QUEUE"
+MAX_STAGE_CALLS_ENV = "K4SERVE_MAX_STAGE_CALLS"
+# Stage calls one entry point's process has in flight at once. Triton's Python backend (2.51 here; server issue
+# #8882 on 2.55) can abort tritonserver (boost::interprocess::lock_exception) under concurrent BLS calls: seen on
+# the H200 with 4 requests in flight through t2v_stream, not with 2. Two keep the DiT of one request running beside
+# the VAE and muxer of the one before (the overlap that throughput needs); the others wait in the entry point.
+DEFAULT_MAX_STAGE_CALLS = 2
 DRAINING_FILE = "draining"
 CANCEL_PARAMETER = "k4serve_cancel_token"
 DRAINING_MESSAGE = "server is draining; retry on another replica"
@@ -44,15 +50,24 @@ def max_queue(parameters: Mapping[str, str], environ: Mapping[str, str] | None =
     """An entry point's bound on requests held at once: $K4SERVE_MAX_QUEUE, else its `max_queue` parameter."""
     environ = os.environ if environ is None else environ
     raw = environ.get(MAX_QUEUE_ENV) or parameters.get("max_queue", "")
+    return _whole_number(raw, "max_queue", f"config parameter max_queue or {MAX_QUEUE_ENV}")
+
+
+def max_stage_calls(environ: Mapping[str, str] | None = None) -> int:
+    """Stage calls an entry point makes at once: $K4SERVE_MAX_STAGE_CALLS, else DEFAULT_MAX_STAGE_CALLS."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(MAX_STAGE_CALLS_ENV) or str(DEFAULT_MAX_STAGE_CALLS)
+    return _whole_number(raw, "max_stage_calls", MAX_STAGE_CALLS_ENV)
+
+
+def _whole_number(raw: str, name: str, source: str) -> int:
     try:
-        bound = int(raw)
+        value = int(raw)
     except ValueError:
-        bound = 0
-    if bound < 1:
-        raise ValueError(
-            f"max_queue must be a whole number >= 1 (config parameter max_queue or {MAX_QUEUE_ENV}), got {raw!r}"
-        )
-    return bound
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 ({source}), got {raw!r}")
+    return value
 
 
 class CancelFlags:

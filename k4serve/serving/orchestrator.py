@@ -28,7 +28,14 @@ from k4serve.serving.backend import (
     error_response,
     event_response,
 )
-from k4serve.serving.control import CANCEL_PARAMETER, Admission, CancelFlags, control_dir, max_queue
+from k4serve.serving.control import (
+    CANCEL_PARAMETER,
+    Admission,
+    CancelFlags,
+    control_dir,
+    max_queue,
+    max_stage_calls,
+)
 from k4serve.serving.settings import config_parameters
 from k4serve.serving.steps import Step
 
@@ -125,6 +132,7 @@ class Orchestrator(TritonModel):
         }
         bound = max_queue(config_parameters(self.model_config))
         self.admission = Admission(self.name, bound, control_dir(), gauge=self.in_flight.set)
+        self.stage_calls = threading.BoundedSemaphore(max_stage_calls())  # see control.DEFAULT_MAX_STAGE_CALLS
         self.flights: set[Flight] = set()
         self.lock = threading.Lock()
         self.stop_watching = threading.Event()
@@ -185,7 +193,16 @@ class Orchestrator(TritonModel):
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _call(self, step: Step, tensors: dict, flight: Flight) -> dict:
-        """One stage call: its outputs by name; its error is raised as StageFailure (code and message kept)."""
+        """One stage call, once a place among this entry point's stage calls is free (a cancelled request stops
+        waiting): its outputs by name; its error is raised as StageFailure (code and message kept)."""
+        while not self.stage_calls.acquire(timeout=WATCH_INTERVAL_S):
+            flight.check()
+        try:
+            return self._call_stage(step, tensors, flight)
+        finally:
+            self.stage_calls.release()
+
+    def _call_stage(self, step: Step, tensors: dict, flight: Flight) -> dict:
         flight.check()
         started = time.monotonic()
         inference = pb_utils.InferenceRequest(
