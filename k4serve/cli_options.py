@@ -118,5 +118,6 @@ def v2a_settings(args: argparse.Namespace, preset: str, device: str | dict[str, 
         encoder_weights=args.v2a_encoder_weights,
         device=device,
         engine=engine,
+        engine_dir=getattr(args, "engine_dir", None),
         mp4_preset=args.mp4_preset,
     )

@@ -1,8 +1,9 @@
-"""What several server test modules share: the request they send, Triton's metrics as numbers, waiting, raw
-requests and the error that ends a stream."""
+"""What several server test modules share: the request they send (and the video they upload), Triton's metrics as
+numbers, waiting, raw requests and the error that ends a stream."""
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import re
@@ -14,6 +15,16 @@ import numpy as np
 SIZE = (384, 672)
 PROMPT = "a red fox runs through fresh snow"
 TIMEOUT_S = 240  # per request: bounds every wait; the tiny preset needs a few seconds
+
+
+@functools.cache
+def upload(n_frames: int = 12, fps: int = 10) -> bytes:
+    """An mp4 of smooth random frames, 48x64: 12 frames at 10 fps last 1.2 s, which V2A trims to 1 s."""
+    from k4serve.pipelines.video_io import encode_mp4
+
+    rng = np.random.default_rng(n_frames)
+    frames = rng.integers(0, 256, (n_frames, 6, 8, 3)).astype(np.uint8).repeat(8, axis=1).repeat(8, axis=2)
+    return encode_mp4(frames, fps)
 
 
 def metrics(server) -> dict[tuple[str, frozenset], float]:

@@ -1,6 +1,7 @@
 """Exported engines behind the pipeline and the stages: the tiny preset on onnxruntime equals eager in process and
-through a real tritonserver (K4SERVE_ENGINE=onnxruntime), every bucket is loaded at start, and an engine that does
-not fit the weights or a request's shape is refused with the export command that builds the right one."""
+through a real tritonserver (K4SERVE_ENGINE=onnxruntime, and the V2A UNet's with K4SERVE_V2A_ENGINE=onnxruntime),
+every bucket is loaded at start, and an engine that does not fit the weights or a request's shape is refused with
+the export command that builds the right one."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ MODELS = ("dit", "vae-decoder", "text-encoder")
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    """The tiny preset's three components exported to ONNX for 384x672 at 0 s and 1 s, through the CLI."""
+    """The tiny preset's three T2V components exported to ONNX for 384x672 at 0 s and 1 s, and the V2A UNet for 1 s,
+    through the CLI, into one engine folder."""
     folder = tmp_path_factory.mktemp("engines")
     for model in MODELS:
         assert (
             main(["export", "onnx", "--model", model, "--size", "384x672", "--seconds", "0", "1", "-o", str(folder)])
             == 0
         )
+    assert main(["export", "onnx", "--model", "v2a-unet", "--seconds", "1", "-o", str(folder)]) == 0
     return folder
 
 
@@ -133,16 +136,32 @@ def test_engine_settings_come_from_config_parameters_and_environment(tmp_path):
 @pytest.mark.server
 def test_server_stages_serve_from_onnxruntime_engines_equal_to_eager(engine_dir, exported, eager, tmp_path):
     pytest.importorskip("pytriton", reason="tritonserver comes with the serve extra: pip install 'k4serve[serve]'")
-    from k4serve.client.client import T2VClient, VideoRequest
+    from mp4_probe import probe_mp4
+    from serving_helpers import metrics, upload
+
+    from k4serve.client.client import T2VClient, V2ARequest, VideoRequest
+    from k4serve.pipelines.v2a import V2APipeline, V2ASettings
     from k4serve.pipelines.video_io import decode_mp4, encode_mp4
     from k4serve.serving.launcher import ServerOptions, TritonServer
 
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_DEVICE": "", "K4SERVE_ENGINE": "onnxruntime",
-           "K4SERVE_ENGINE_DIR": str(engine_dir)}  # fmt: skip
-    options = ServerOptions(host="127.0.0.1", env=env, log=tmp_path / "server.log", models=["t2v"])
+           "K4SERVE_ENGINE_DIR": str(engine_dir), "K4SERVE_V2A_PRESET": "tiny", "K4SERVE_V2A_WEIGHTS": "",
+           "K4SERVE_V2A_ENGINE": "onnxruntime", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    options = ServerOptions(host="127.0.0.1", env=env, log=tmp_path / "server.log", models=["t2v", "v2a"])
     with TritonServer(options) as server:
         with T2VClient(server.grpc_url, timeout_s=240) as client:
             video = client.generate(VideoRequest(PROMPT, *SIZE, seconds=1, seed=7))
+            with_sound = client.generate(V2ARequest(upload(), seed=5))
+        samples = metrics(server).items()
+    # the engines' weights live in onnxruntime: the samplers hold no torch weights, the V2A encoder (eager) does
+    held = {dict(labels)["model"]: value for (name, labels), value in samples if name == "k4serve_weights_bytes"}
+    assert held["dit_sampler"] == held["v2a_sampler"] == 0 < held["v2a_encoder"], held
+    # the V2A stages with the UNet on its onnxruntime engine: the in-process pipeline's mp4 on the same engine
+    v2a = V2APipeline.from_settings(V2ASettings(engine="onnxruntime", engine_dir=str(engine_dir)))
+    expected_mp4, _ = v2a.add_audio(upload(), seed=5)
+    (_, served_audio, _), (_, expected_audio, _) = (probe_mp4(mp4, tmp_path) for mp4 in (with_sound.mp4, expected_mp4))
+    assert np.abs(served_audio).max() > 100  # a sound, not silence
+    np.testing.assert_array_equal(served_audio, expected_audio)
     served, _ = decode_mp4(video.mp4)
     # exactly what the same engines give in process (after the same H.264 encode) ...
     frames = exported(PROMPT, *SIZE, 1, 7)

@@ -171,7 +171,7 @@ def test_export_usage_errors_list_the_choices(capsys):
             main(argv)
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "choose from 'dit', 'text-encoder', 'vae-decoder'" in err and "--size" in err
+    assert "choose from 'dit', 'text-encoder', 'v2a-unet', 'vae-decoder'" in err and "--size" in err
 
 
 def _has_tensorrt() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,11 +29,20 @@ def case_inputs(case: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torc
     return x, text, time
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """One rank: the sequence-parallel forward of every case, saved for the parent to check."""
+def worker(rank: int, world_size: int, out_dir: str) -> None:
+    """One rank: the sequence-parallel forward of every case, saved for the parent to check.
+
+    The ranks meet through a file store, not rank 0's TCP store: a TCP store dies with rank 0, and a rank still
+    shutting down then aborted (SIGABRT "terminate called without an active exception", seen once in CI); the
+    barrier keeps every rank's collectives finished before any rank tears its group down.
+    """
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(60)
+        "gloo",
+        init_method=f"file://{Path(out_dir) / 'store'}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
     )
     try:
         model = build_dit("tiny", seed=SEED)
@@ -43,19 +51,14 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             outputs = [parallel(*case_inputs(case)) for case in CASES]
         restored = all(block.self_attention.attention_fn is sdpa_attention for block in model.blocks())
         torch.save({"outputs": outputs, "restored": restored}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sequence_parallel_equals_single_process(tmp_path, world_size):
-    mp.spawn(worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(worker, args=(world_size, str(tmp_path)), nprocs=world_size, join=True)
     model = build_dit("tiny", seed=SEED)
     with torch.no_grad():
         expected = [model(*case_inputs(case)) for case in CASES]

@@ -7,15 +7,13 @@ One server for the module with only the V2A entry points (and the stages they br
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton", reason="tritonserver comes with the serve extra: pip install 'k4serve[serve]'")
 from mp4_probe import probe_mp4  # noqa: E402
-from serving_helpers import PROMPT, SIZE, TIMEOUT_S, grpc_inputs, stream_error  # noqa: E402
+from serving_helpers import PROMPT, SIZE, TIMEOUT_S, grpc_inputs, stream_error, upload  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from k4serve.client.client import AudioRequest, T2VClient, V2ARequest, Video  # noqa: E402
@@ -55,14 +53,6 @@ def client(server):
 def v2a() -> V2APipeline:
     """The in-process tiny V2A pipeline: what the server's V2A stages must reproduce."""
     return V2APipeline.from_settings(V2ASettings(preset="tiny"))
-
-
-@functools.cache
-def upload(n_frames: int = 12, fps: int = 10) -> bytes:
-    """An mp4 of smooth random frames, 48x64: 12 frames at 10 fps last 1.2 s, which V2A trims to 1 s."""
-    rng = np.random.default_rng(n_frames)
-    frames = rng.integers(0, 256, (n_frames, 6, 8, 3)).astype(np.uint8).repeat(8, axis=1).repeat(8, axis=2)
-    return encode_mp4(frames, fps)
 
 
 def assert_same_video(served: bytes, expected: bytes, tmp_path) -> tuple[str, np.ndarray, np.ndarray]:

@@ -12,11 +12,12 @@ pick kernels per shape and the runtimes capture CUDA graphs. min = opt = max for
     vae-decoder   one temporal chunk step per size (see k4serve.engines.vae_chunk): "first3" (3 latent frames, no
                   cache in, cache out), "step2" (2 frames, cache in and out), "image" (1 frame, seconds = 0)
     text-encoder  the T5 encoder on 224 token ids -> last hidden state (no bucket dependence)
+    v2a-unet      one V2A UNet call per duration (buckets are seconds only): the CFG batch [uncond; cond] of
+                  latents [2, 4, n_mels / 8, W / 8], its timesteps and conditioning -> noise prediction
 
-Adding a model (the V2A UNet, k4serve/models/v2a_unet.py, once it lands) is one more class here and one entry in
-CONTRACTS: its `graphs` (e.g. the CFG batch of 2 latents [2, 4, 64, W/8] per duration, the timestep, the prompt
-and video features), its `module` (the UNet's forward, or a wrapper taking the graph's inputs positionally), and
-`component` (the name the pipeline and the manifest use). Nothing in the exporters or runtimes changes.
+Adding a model is one more class here and one entry in CONTRACTS: its `graphs`, its `module` (the forward taking
+the graph's inputs positionally), `modules` (what an export casts to its dtype) and `component` (the name the
+pipeline and the manifest use). Nothing in the exporters or runtimes changes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ LATENT_CHANNELS = 16
 
 @dataclass(frozen=True)
 class Bucket:
-    """One request shape the deployment serves: size (height x width) and duration."""
+    """One request shape the deployment serves: size (height x width) and duration. A model whose shapes do not
+    depend on the frame size (the V2A UNet) has buckets of a duration only: height = width = 0."""
 
     height: int
     width: int
@@ -52,8 +54,12 @@ class Bucket:
         return f"{self.height}x{self.width}"
 
     @property
+    def sized(self) -> bool:
+        return self.height > 0
+
+    @property
     def name(self) -> str:
-        return f"{self.size}-{self.seconds}s"
+        return f"{self.size}-{self.seconds}s" if self.sized else f"{self.seconds}s"
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,11 @@ class ExportContract:
     component: str = ""  # the pipeline component it replaces (PipelineSettings.device_map keys)
     dynamic_axes: dict[str, dict[int, str]] = {}  # none: static shapes per bucket
     fp8 = False  # whether an fp8 export is declared (then `fp8_linears` names the linears it quantizes)
+    sized = True  # whether its buckets have a frame size (--size); False: durations only
+
+    def modules(self, component) -> nn.Module:
+        """The modules holding the weights, which an export casts to its dtype (the component itself by default)."""
+        return component
 
     def graphs(self, component, buckets: Sequence[Bucket], dtype: torch.dtype) -> list[GraphSpec]:
         """The distinct graphs serving `buckets`, float tensors in `dtype`."""
@@ -261,14 +272,55 @@ class TextEncoderContract(ExportContract):
         hidden = TensorSpec("last_hidden_state", (1, TEXT_TOKENS, config.d_model), dtype_name(dtype))
         return [GraphSpec(f"tokens{TEXT_TOKENS}", (ids,), (hidden,))]
 
+    def modules(self, text_encoder) -> nn.Module:
+        return text_encoder.encoder
+
     def module(self, text_encoder, graph: GraphSpec) -> nn.Module:
         return _LastHiddenState(text_encoder.encoder)
 
 
+CFG_BATCH = 2  # the V2A sampler's one batched call on [uncond; cond]
+V2A_PROMPT_TOKENS = 100  # prompt features per row (CogVLM2's first 100 tokens, official)
+V2A_FRAMES = 96  # video features per row (frames sampled per clip, official)
+
+
+class V2AUNetContract(ExportContract):
+    """One V2A UNet call per duration. The component is the V2A pipeline built with its UNet: its `unet` and its
+    `latent_shape(seconds)` (the latent height follows the mel rows of the pipeline's audio preset, not the UNet)."""
+
+    model = "v2a-unet"
+    component = "unet"
+    sized = False
+
+    def graphs(self, pipeline, buckets: Sequence[Bucket], dtype: torch.dtype) -> list[GraphSpec]:
+        d, float_name = pipeline.unet.config.feature_dim, dtype_name(dtype)
+        graphs = {}
+        for bucket in buckets:
+            sample = (CFG_BATCH, *pipeline.latent_shape(bucket.seconds))
+            graphs[bucket.name] = GraphSpec(
+                bucket.name,
+                (
+                    TensorSpec("sample", sample, float_name),
+                    TensorSpec("timestep", (CFG_BATCH,), "int64", high=1000),
+                    TensorSpec("prompt_embeds", (CFG_BATCH, V2A_PROMPT_TOKENS, d), float_name),
+                    TensorSpec("video_embeds", (CFG_BATCH, V2A_FRAMES, d), float_name),
+                ),
+                (TensorSpec("eps", sample, float_name),),
+            )
+        return list(graphs.values())
+
+    def modules(self, pipeline) -> nn.Module:
+        return pipeline.unet
+
+    def module(self, pipeline, graph: GraphSpec) -> nn.Module:
+        return pipeline.unet  # forward(sample, timestep, prompt_embeds, video_embeds): the graph's inputs in order
+
+
 CONTRACTS: dict[str, ExportContract] = {
-    c.model: c for c in (DiTContract(), VaeDecoderContract(), TextEncoderContract())
+    c.model: c for c in (DiTContract(), VaeDecoderContract(), TextEncoderContract(), V2AUNetContract())
 }
 MODEL_OF_COMPONENT = {c.component: c.model for c in CONTRACTS.values()}
+UNSIZED_MODELS = frozenset(c.model for c in CONTRACTS.values() if not c.sized)  # buckets without --size
 
 
 def parameter_bytes(module: nn.Module) -> int:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from k4serve.engines.contracts import Bucket, GraphSpec
+from k4serve.engines.contracts import UNSIZED_MODELS, Bucket, GraphSpec
 
 MANIFEST = "manifest.json"
 # engine setting -> the artifact format it runs and the `k4serve export` subcommand that builds it
@@ -71,7 +71,8 @@ def export_command(
     seconds = sorted({b.seconds for b in buckets}) or ["SECONDS"]
     words = ["k4serve", "export", fmt, "--model", model, "--preset", preset]
     words += ["--weights", weights] if weights else ["--seed", str(seed)] if seed else []
-    words += ["--size", *sizes, "--seconds", *map(str, seconds), "--dtype", dtype, *extra, "-o", str(engine_dir)]
+    words += [] if model in UNSIZED_MODELS else ["--size", *sizes]
+    words += ["--seconds", *map(str, seconds), "--dtype", dtype, *extra, "-o", str(engine_dir)]
     return shlex.join(words)
 
 

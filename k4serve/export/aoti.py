@@ -11,7 +11,7 @@ Two DiT paths:
          traced, every Triton kernel the kernel modules launch is wrapped with `torch.library.wrap_triton`, so
          the trace records each launch (grid, arguments, TMA descriptors) and Inductor compiles the kernels into
          the package next to its own. Attention is tuned for the bucket first (FastDiT.load).
-The VAE chunk step and the T5 encoder export their eager modules.
+The VAE chunk step, the T5 encoder and the V2A UNet export their eager modules.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def export_aoti(
         raise ExportError(f"fp8 is declared for the DiT's block linears only; export {contract.model} as bf16")
     if engine == "fast" and contract.model != "dit":
         raise ExportError(f"--engine fast is the DiT's Triton path; export {contract.model} with --engine eager")
-    (component.encoder if contract.component == "text_encoder" else component).to(carrier)
-    device = next((component.encoder if contract.component == "text_encoder" else component).parameters()).device
+    modules = contract.modules(component).to(carrier)
+    device = next(modules.parameters()).device
     fast = None
     if engine == "fast":
         from k4serve.engines.torch import FastDiT

@@ -1,7 +1,10 @@
-"""`k4serve export onnx|tensorrt|aoti --model dit|vae-decoder|text-encoder ...`: engines for the exported runtimes.
+"""`k4serve export onnx|tensorrt|aoti --model dit|vae-decoder|text-encoder|v2a-unet ...`: engines for the exported
+runtimes.
 
 Each writes `<-o DIR>/<model>-<format>/` (graph files + manifest.json); serve them with
-`k4serve serve --engine onnxruntime|tensorrt|aoti --engine-dir DIR`. Buckets are the product of --size and --seconds.
+`k4serve serve --engine onnxruntime|tensorrt|aoti --engine-dir DIR` (the V2A UNet: `--v2a-engine`). Buckets are
+the product of --size and --seconds; the V2A UNet's are durations only (--seconds 1..12, no --size), and its
+--preset and --weights are the V2A pipeline's (tiny | kandinsky4-v2a, the ai-forever/kandinsky-4-v2a snapshot).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from k4serve.engines.manifest import EXPORT_DTYPES, engine_path, export_command,
 from k4serve.engines.options import ATTENTION, LINEAR
 from k4serve.export.errors import ExportError
 from k4serve.pipelines.t2v import PIPELINE_PRESETS, validate_request
+from k4serve.pipelines.v2a import PIPELINE_PRESETS as V2A_PRESETS
+from k4serve.pipelines.v2a import validate_seconds
 
 FORMAT_HELP = {
     "onnx": "ONNX graphs (static shapes per bucket), run by --engine onnxruntime and built into TensorRT engines",
@@ -30,11 +35,24 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     for fmt, help_text in FORMAT_HELP.items():
         sub = formats.add_parser(fmt, help=help_text, description=help_text)
         sub.add_argument("--model", required=True, choices=sorted(CONTRACTS))
-        sub.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="tiny")
+        sub.add_argument(
+            "--preset",
+            choices=sorted({*PIPELINE_PRESETS, *V2A_PRESETS}),
+            default="tiny",
+            help="the pipeline preset: T2V's for dit, vae-decoder and text-encoder, V2A's for v2a-unet",
+        )
         sub.add_argument("--weights", default=None, help="official weights directory (default: seeded random)")
         sub.add_argument("--seed", type=int, default=0, help="random-weight seed when no --weights are given")
-        sub.add_argument("--size", type=parse_size, nargs="+", required=True, help="HEIGHTxWIDTH ... (buckets)")
-        sub.add_argument("--seconds", type=int, nargs="+", required=True, help="durations 0..12 (buckets)")
+        sub.add_argument(
+            "--size",
+            type=parse_size,
+            nargs="+",
+            default=None,
+            help="HEIGHTxWIDTH ... (buckets; every model but v2a-unet)",
+        )
+        sub.add_argument(
+            "--seconds", type=int, nargs="+", required=True, help="durations 0..12 (buckets; v2a-unet: 1..12)"
+        )
         sub.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32" if fmt == "onnx" else "bf16")
         sub.add_argument("--device", default="cpu" if fmt == "onnx" else "cuda", help="where the model is built")
         sub.add_argument("-o", "--output", required=True, help="engine directory (serve with --engine-dir)")
@@ -54,8 +72,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--linear", choices=LINEAR, default=None, help="--engine fast: linears (default: dtype)")
 
 
+def pipeline_presets(model: str) -> dict[str, dict[str, str]]:
+    """The pipeline presets a model's --preset chooses from: V2A's for the V2A UNet, T2V's for the rest."""
+    return V2A_PRESETS if CONTRACTS[model].component == "unet" else PIPELINE_PRESETS
+
+
 def buckets_of(args: argparse.Namespace) -> list[Bucket]:
-    """The size x seconds product, each checked like a request."""
+    """The size x seconds product (durations only for a model without sizes), each checked like a request."""
+    if not CONTRACTS[args.model].sized:
+        if args.size:
+            raise ExportError(f"{args.model} takes no --size: its buckets are durations only (--seconds 1..12)")
+        for seconds in args.seconds:
+            validate_seconds(seconds)
+        return [Bucket(0, 0, s) for s in args.seconds]
+    if not args.size:
+        raise ExportError(f"--size is required for {args.model}: give the HEIGHTxWIDTH of each bucket, e.g. 384x672")
     buckets = [Bucket(h, w, s) for h, w in args.size for s in args.seconds]
     for bucket in buckets:
         validate_request("-", bucket.height, bucket.width, bucket.seconds)
@@ -67,6 +98,8 @@ def format_extra(args: argparse.Namespace) -> list[str]:
     extra = []
     if args.format in ("onnx", "tensorrt") and args.dtype == "fp8":
         extra += ["--fp8-carrier", args.fp8_carrier]
+    if args.format == "aoti" and not args.device.startswith("cuda"):
+        extra += ["--device", args.device]  # a package runs only on the device kind it was compiled for
     if args.format == "aoti" and args.engine == "fast":
         extra += ["--engine", "fast", "--attention", args.attention] + (
             ["--linear", args.linear] if args.linear else []
@@ -75,35 +108,46 @@ def format_extra(args: argparse.Namespace) -> list[str]:
 
 
 def build_component(args: argparse.Namespace, component: str):
-    """The component with its weights (official or seeded random), on --device, in the run dtype."""
+    """The component with its weights (official or seeded random) on --device, and the id of those weights. The
+    V2A UNet comes as its pipeline (the contract reads the latent shapes from it)."""
+    from k4serve.pipelines.exported import component_weight_files
+
+    if component == "unet":
+        from k4serve.pipelines.v2a import V2APipeline, V2ASettings, unet_weight_files
+
+        settings = V2ASettings(preset=args.preset, weights=args.weights, device=args.device, seed=args.seed)
+        pipeline = V2APipeline.from_settings(settings, components=("unet",))
+        return pipeline, weights_id(unet_weight_files(settings), args.seed)
     from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline
 
     settings = PipelineSettings(preset=args.preset, weights=args.weights, device=args.device, seed=args.seed)
     pipeline = T2VPipeline.from_settings(settings, components=(component,))
-    return {"dit": pipeline.dit, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}[component], settings
+    weights = weights_id(component_weight_files(settings, component), args.seed)
+    return {"dit": pipeline.dit, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}[component], weights
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Export one model for the buckets; 0 on success."""
-    from k4serve.pipelines.exported import component_weight_files
-
     contract = CONTRACTS[args.model]
+    presets = pipeline_presets(args.model)
+    if args.preset not in presets:
+        raise ExportError(f"{args.model} is built from the presets {sorted(presets)}, not {args.preset!r}")
     buckets = buckets_of(args)
     if args.dtype == "fp8" and not contract.fp8:
         raise ExportError(f"fp8 is declared for the DiT's block linears only; export {args.model} as bf16 or fp16")
-    preset = PIPELINE_PRESETS[args.preset][contract.component]
+    preset = presets[args.preset][contract.component]
     extra = format_extra(args)
 
     def command(fmt: str) -> str:
-        return export_command(fmt, args.model, preset, buckets, args.dtype, args.output, args.weights, extra, args.seed)
+        return export_command(fmt, args.model, args.preset, buckets, args.dtype, args.output, args.weights, extra,
+                              args.seed)  # fmt: skip
 
     started = time.perf_counter()
     if args.format == "tensorrt":
         from k4serve.export.tensorrt import require_tensorrt
 
         require_tensorrt()  # before minutes of ONNX export
-    component, settings = build_component(args, contract.component)
-    weights = weights_id(component_weight_files(settings, contract.component), args.seed)
+    component, weights = build_component(args, contract.component)
     common = {"preset": preset, "weights": weights}
     if args.format in ("onnx", "tensorrt"):
         from k4serve.export.onnx import export_onnx
@@ -126,7 +170,8 @@ def run_export(args: argparse.Namespace) -> int:
                                linear=args.linear, extra=extra, **common)  # fmt: skip
     folder = engine_path(args.output, args.model, manifest.format)
     graphs = ", ".join(g.spec.name for g in manifest.graphs)
+    flag = "--v2a-engine" if contract.component == "unet" else "--engine"
     print(f"wrote {folder} ({graphs}) in {time.perf_counter() - started:.1f} s; serve it with: k4serve serve "
-          f"--engine {dict(onnx='onnxruntime').get(manifest.format, manifest.format)} "
+          f"{flag} {dict(onnx='onnxruntime').get(manifest.format, manifest.format)} "
           f"--engine-dir {shlex.quote(str(args.output))}")  # fmt: skip
     return 0

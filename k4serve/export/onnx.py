@@ -34,8 +34,7 @@ PROTOBUF_LIMIT = 2**31  # bytes: past this a graph's weights must live in an ext
 def prepare_component(contract: ExportContract, component, dtype: str, fp8_carrier: str = "bf16"):
     """Cast the component to its compute dtype and, for fp8, swap its declared linears for Q/DQ ones (in place)."""
     carrier = compute_dtype(dtype, fp8_carrier)
-    modules = component.encoder if contract.component == "text_encoder" else component
-    modules.to(carrier)
+    contract.modules(component).to(carrier)
     if dtype == "fp8":
         if not contract.fp8:
             raise ExportError(

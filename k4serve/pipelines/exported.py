@@ -1,10 +1,11 @@
-"""The pipeline's components served by exported engines (engine: aoti | tensorrt | onnxruntime, plus engine_dir).
+"""The pipelines' components served by exported engines (engine: aoti | tensorrt | onnxruntime, plus engine_dir).
 
 Each component's engine folder `<engine_dir>/<model>-<format>/` is checked against this pipeline's preset and
 weights (manifest.json), every graph in it is loaded and run once (so no request pays for loading, tuning or
 graph capture), and the engine takes the place of the PyTorch module: the DiT's denoiser call, the VAE's chunk
-loop, the T5 encoder under the Python tokenizer. The modules' weights are never loaded; only their configs are.
-A request whose shape the engine was not exported for is refused with the export command that adds its bucket.
+loop, the T5 encoder under the Python tokenizer, the V2A UNet's call in the sampler. The modules' weights are
+never loaded; only their configs are. A request whose shape the engine was not exported for is refused with the
+export command that adds its bucket.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from k4serve.engines.contracts import MODEL_OF_COMPONENT, Bucket
+from k4serve.engines.contracts import MODEL_OF_COMPONENT, V2A_FRAMES, V2A_PROMPT_TOKENS, Bucket
 from k4serve.engines.exported import ExportedEngine, open_engine
 from k4serve.engines.manifest import FORMATS, EngineMismatch, engine_path, export_command, weights_id
 from k4serve.engines.vae_chunk import ChunkedDecoder
@@ -45,13 +46,17 @@ def component_weight_files(settings: PipelineSettings, component: str) -> list[P
 
 
 class ExportedComponent:
-    """One component's engine, checked against the settings, with the command that builds a missing bucket."""
+    """One component's engine, checked against the settings, with the command that builds a missing bucket.
 
-    def __init__(self, settings: PipelineSettings, component: str, device: str):
+    `settings` is a pipeline's (T2V's PipelineSettings or V2A's V2ASettings: preset, weights, seed, engine,
+    engine_dir); `preset` is the component's model preset and `weight_files` its checkpoint files (None: random
+    weights of settings.seed), which the manifest must name."""
+
+    def __init__(self, settings, component: str, device: str, preset: str, weight_files: list[Path] | None):
         self.settings = settings
         self.model = MODEL_OF_COMPONENT[component]
         self.format = FORMATS[settings.engine]
-        self.preset = PIPELINE_PRESETS[settings.preset][component]
+        self.preset = preset
         self.extra: list[str] = []
         folder = engine_path(settings.engine_dir, self.model, self.format)
         if not folder.is_dir():
@@ -61,7 +66,7 @@ class ExportedComponent:
         self.engine: ExportedEngine = open_engine(settings.engine, folder, device)
         manifest = self.engine.manifest
         self.extra = manifest.options.get("extra", [])
-        own_weights = weights_id(component_weight_files(settings, component), settings.seed)
+        own_weights = weights_id(weight_files, settings.seed)
         manifest.check(self.model, self.preset, own_weights, fix=self.fix(manifest.buckets, manifest.dtype))
         self.engine.load()  # every exported bucket, before the first request
 
@@ -70,26 +75,34 @@ class ExportedComponent:
         weights."""
         weights = str(Path(self.settings.weights).resolve()) if self.settings.weights else None
         dtype = dtype or ("fp32" if self.format == "onnx" else "bf16")
-        return export_command(self.format, self.model, self.preset, buckets, dtype, self.settings.engine_dir,
-                              weights, self.extra, self.settings.seed)  # fmt: skip
+        return export_command(self.format, self.model, self.settings.preset, buckets, dtype,
+                              self.settings.engine_dir, weights, self.extra, self.settings.seed)  # fmt: skip
 
     def require(self, shapes: list[tuple[int, ...]], bucket: Bucket) -> None:
         """RequestError naming the export command unless the engine has a graph for these input shapes."""
         if self.engine.graph(shapes) is None:
             manifest = self.engine.manifest
             served = ", ".join(b.name for b in manifest.buckets)
+            batch = manifest.graphs[0].spec.inputs[0].shape[0]
             raise RequestError(
-                f"the {self.settings.engine} {self.model} engine serves {served} (batch 1), not {bucket.name} "
+                f"the {self.settings.engine} {self.model} engine serves {served} (batch {batch}), not {bucket.name} "
                 f"(inputs {[list(shape) for shape in shapes]}); add the bucket: "
                 f"{self.fix([*manifest.buckets, bucket], manifest.dtype)}"
             )
+
+
+def t2v_component(settings: PipelineSettings, component: str, device: str) -> ExportedComponent:
+    """A T2V component's engine, checked against its preset and weights."""
+    preset = PIPELINE_PRESETS[settings.preset][component]
+    return ExportedComponent(settings, component, device, preset, component_weight_files(settings, component))
 
 
 class ExportedDiT(ExportedComponent):
     """Stands where the DiT module stands: its config, and (x, text_embed, time) -> velocity through the engine."""
 
     def __init__(self, settings: PipelineSettings, device: str):
-        super().__init__(settings, "dit", device)
+        super().__init__(settings, "dit", device, PIPELINE_PRESETS[settings.preset]["dit"],
+                         component_weight_files(settings, "dit"))  # fmt: skip
         self.config = dit_model.PRESETS[self.preset]
 
     def __call__(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
@@ -104,7 +117,8 @@ class ExportedVae(ExportedComponent):
     """The decoder's `decode_chunks` as a loop over the exported chunk-step graphs."""
 
     def __init__(self, settings: PipelineSettings, device: str):
-        super().__init__(settings, "vae", device)
+        super().__init__(settings, "vae", device, PIPELINE_PRESETS[settings.preset]["vae"],
+                         component_weight_files(settings, "vae"))  # fmt: skip
         self.chunks = ChunkedDecoder(self.engine)
 
     def decode_chunks(self, z: Tensor) -> Iterator[Tensor]:
@@ -143,7 +157,7 @@ class _EngineEncoder:
 
 def exported_text_encoder(settings: PipelineSettings, device: str) -> T5TextEncoder:
     """T5TextEncoder: the Python tokenizer in front of the exported encoder."""
-    component = ExportedComponent(settings, "text_encoder", device)
+    component = t2v_component(settings, "text_encoder", device)
     if settings.weights is not None:
         tokenizer = load_tokenizer(_weights_paths(settings.weights)["tokenizer"])
     else:
@@ -175,3 +189,23 @@ def exported_components(settings: PipelineSettings, components: tuple[str, ...])
             "vae": ExportedVae(settings, devices["vae"]) if "vae" in components else None,
             "vae_config": vae_config(settings) if "vae" in components else None,
         }  # fmt: skip
+
+
+class ExportedUNet(ExportedComponent):
+    """Stands where the V2A UNet stands in the sampler: (sample, timestep, prompt, video) -> eps through the engine,
+    returned in the sampler's `dtype` (the scheduler steps in the UNet's run dtype, as the official)."""
+
+    def __init__(self, settings, device: str, dtype: torch.dtype, preset: str, weight_files: list[Path] | None):
+        super().__init__(settings, "unet", device, preset, weight_files)
+        self.dtype = dtype
+        sample, _, prompt, _ = self.engine.graphs[0].inputs
+        self.latent_channels, self.feature_dim = sample.shape[1], prompt.shape[-1]
+
+    def require_seconds(self, seconds: int, sample_shape: tuple[int, ...]) -> None:
+        """RequestError naming the export command unless the engine serves `seconds` of audio."""
+        batch, d = sample_shape[0], self.feature_dim
+        shapes = [sample_shape, (batch,), (batch, V2A_PROMPT_TOKENS, d), (batch, V2A_FRAMES, d)]
+        self.require(shapes, Bucket(0, 0, seconds))
+
+    def __call__(self, sample: Tensor, timestep: Tensor, prompt_embeds: Tensor, video_embeds: Tensor) -> Tensor:
+        return self.engine(sample, timestep, prompt_embeds, video_embeds).to(self.dtype)

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from k4serve.engines.base import EXPORTED_ENGINES
 from k4serve.engines.options import LINEAR_OPTIONS
 from k4serve.models.audio import PRESETS as AUDIO_PRESETS
 from k4serve.models.audio import audio_width, spectrogram_image_to_audio
+from k4serve.models.checkpoints import diffusers_folder
 from k4serve.models.cogvlm2_video import (
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT,
@@ -44,7 +46,8 @@ from k4serve.models.pndm import PNDMConfig, PNDMSampler, unet_denoiser
 from k4serve.models.sd_vae import PRESETS as VAE_PRESETS
 from k4serve.models.sd_vae import SDVAEConfig, SDVAEDecoder, build_sd_vae_decoder, load_sd_vae_decoder, to_uint8_image
 from k4serve.models.v2a_unet import PRESETS as UNET_PRESETS
-from k4serve.models.v2a_unet import V2AUNet, build_v2a_unet, load_v2a_unet
+from k4serve.models.v2a_unet import UNET_LAYOUT, V2AUNet, build_v2a_unet, load_v2a_unet
+from k4serve.pipelines.exported import ExportedUNet
 from k4serve.pipelines.media import (
     MAX_SECONDS,
     MediaError,
@@ -70,7 +73,9 @@ PIPELINE_PRESETS: dict[str, dict[str, str]] = {
     },
 }
 COMPONENTS = ("encoder", "unet", "vocoder")  # the three stages' parts; "vocoder" is the SD VAE + Griffin-Lim
-V2A_ENGINES = ("eager", "fast")  # fast: the UNet under CUDA graphs (FastUNet); the same eager forward on the CPU
+# fast: the UNet under CUDA graphs (FastUNet; the same eager forward on the CPU); aoti | tensorrt | onnxruntime:
+# the UNet from the engine `k4serve export ... --model v2a-unet` wrote into engine_dir (the encoder and vocoder eager)
+V2A_ENGINES = ("eager", "fast", *EXPORTED_ENGINES)
 TIMINGS = ("pad", "retime")  # video_io.AudioTiming
 # CogVLM2 keeps the first 100 tokens (BOS + 99, about 400 characters of English); far longer is a client mistake.
 MAX_PROMPT_CHARS = 1000
@@ -95,6 +100,7 @@ class V2ASettings:
     encoder_weights: str | None = None  # the CogVLM2-Video snapshot, if not in weights/cogvlm2-video-llama3-chat
     device: str | dict[str, str] = "cpu"
     engine: str = "eager"  # V2A_ENGINES
+    engine_dir: str | None = None  # aoti | tensorrt | onnxruntime: the folder `k4serve export` wrote
     linear: str = "bf16"  # the fast engine's UNet linears: bf16 | fp8 | fp8-fast (GPU; error in benchmarks/v2a.py)
     mp4_preset: str = DEFAULT_MP4_PRESET  # H.264 settings of add_audio (video_io.MP4_PRESETS)
     seed: int = 0  # random-weight seed when no weights are given
@@ -175,11 +181,43 @@ def _weights_paths(settings: V2ASettings, components: Sequence[str]) -> dict[str
     return paths
 
 
+def unet_weight_files(settings: V2ASettings) -> list[Path] | None:
+    """The UNet's checkpoint files in the snapshot (None: seeded random weights)."""
+    if settings.weights is None:
+        return None
+    return diffusers_folder(_weights_paths(settings, ("unet",))["unet"], "V2A UNet", UNET_LAYOUT)[1]
+
+
+def exported_unet(settings: V2ASettings) -> ExportedUNet:
+    """The UNet's exported engine (settings.engine in EXPORTED_ENGINES), checked against the preset and weights."""
+    if not settings.engine_dir:
+        raise ValueError(
+            f"V2A engine {settings.engine} runs an exported UNet: give engine_dir (--engine-dir, K4SERVE_ENGINE_DIR "
+            "or the engine_dir parameter), a folder written by `k4serve export ... --model v2a-unet -o DIR`"
+        )
+    device = settings.device_map()["unet"]
+    preset = PIPELINE_PRESETS[settings.preset]["unet"]
+    with torch.no_grad():
+        return ExportedUNet(settings, device, run_dtype(device), preset, unet_weight_files(settings))
+
+
+def unet_feature_dim(unet: V2AUNet | ExportedUNet) -> int:
+    """The width of the conditioning features the UNet (or its exported engine) takes."""
+    return unet.feature_dim if isinstance(unet, ExportedUNet) else unet.config.feature_dim
+
+
+def unet_latent_channels(unet: V2AUNet | ExportedUNet) -> tuple[int, int]:
+    """(in, out) latent channels of the UNet (or its exported engine)."""
+    if isinstance(unet, ExportedUNet):
+        return unet.latent_channels, unet.latent_channels
+    return unet.config.in_channels, unet.config.out_channels
+
+
 class V2APipeline:
     def __init__(
         self,
         encoder: CogVLM2VideoEncoder | None,
-        unet: V2AUNet | None,
+        unet: V2AUNet | ExportedUNet | None,
         vae: SDVAEDecoder | None,
         vae_config: SDVAEConfig,
         settings: V2ASettings,
@@ -218,7 +256,9 @@ class V2APipeline:
         encoder = unet = vae = None
         # The UNet first: its strict key check is the cheapest way to catch a wrong or mixed-up weights directory
         # before the 25 GB encoder loads.
-        if "unet" in components:
+        if "unet" in components and settings.engine in EXPORTED_ENGINES:
+            unet = exported_unet(settings)
+        elif "unet" in components:
             device, dtype = devices["unet"], run_dtype(devices["unet"])
             if paths:
                 unet = load_v2a_unet(paths["unet"], device, dtype)
@@ -240,22 +280,19 @@ class V2APipeline:
                 if paths
                 else CogVLM2VideoEncoder.from_preset(presets["encoder"], device, dtype, settings.seed)
             )
-        if encoder is not None and unet is not None and encoder.dim != unet.config.feature_dim:
+        if encoder is not None and unet is not None and encoder.dim != unet_feature_dim(unet):
             raise ValueError(
-                f"CogVLM2 width {encoder.dim} != the UNet's feature_dim {unet.config.feature_dim}: the weights "
+                f"CogVLM2 width {encoder.dim} != the UNet's feature_dim {unet_feature_dim(unet)}: the weights "
                 "mix models of different sizes"
             )
-        if (
-            unet is not None
-            and (unet.config.in_channels, unet.config.out_channels) != (vae_config.latent_channels,) * 2
-        ):
+        if unet is not None and unet_latent_channels(unet) != (vae_config.latent_channels,) * 2:
             raise ValueError(f"the UNet's channels do not match the VAE's {vae_config.latent_channels} latent channels")
         return cls(encoder, unet, vae, vae_config, settings, scheduler)
 
     def _make_denoiser(self) -> Callable[..., Tensor] | None:
         """(sample, timestep, prompt, video) -> eps through the configured engine (None without a UNet)."""
-        if self.unet is None:
-            return None
+        if self.unet is None or isinstance(self.unet, ExportedUNet):
+            return self.unet
         if self.settings.engine == "fast":
             from k4serve.engines.unet import FastUNet
 
@@ -312,8 +349,12 @@ class V2APipeline:
         validate_seed(seed)
         if seed is None:
             raise RequestError("sample needs a seed: draw one with resolve_seed")
-        device, dtype = self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype
-        d = self.unet.config.feature_dim
+        if isinstance(self.unet, ExportedUNet):
+            device, dtype = self.unet.engine.device, self.unet.dtype
+            self.unet.require_seconds(seconds, (2, *self.latent_shape(seconds)))
+        else:
+            device, dtype = self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype
+        d = unet_feature_dim(self.unet)
         prompt, video = conditioning
         if tuple(prompt.shape) != (2, PROMPT_TOKENS, d) or tuple(video.shape) != (2, CONDITIONING_FRAMES, d):
             raise RequestError(

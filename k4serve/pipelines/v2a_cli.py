@@ -20,7 +20,13 @@ def add_v2a_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", type=parse_device, default="cpu", help="cuda, cpu, or a map encoder=,unet=,vocoder="
     )
-    parser.add_argument("--engine", choices=V2A_ENGINES, default="eager", help="fast: the UNet under CUDA graphs")
+    parser.add_argument(
+        "--engine",
+        choices=V2A_ENGINES,
+        default="eager",
+        help="fast: the UNet under CUDA graphs; aoti|tensorrt|onnxruntime: its engine in --engine-dir",
+    )
+    parser.add_argument("--engine-dir", default=None, help="the folder `k4serve export ... --model v2a-unet` wrote")
     parser.add_argument("--mp4-preset", choices=sorted(MP4_PRESETS), default=DEFAULT_MP4_PRESET, help="H.264 settings")
     add_audio_arguments(parser, prompt_flag="--prompt")
 

@@ -38,7 +38,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     v2a.add_argument("--v2a-weights", default=None, metavar="DIR", help="the ai-forever/kandinsky-4-v2a snapshot")
     v2a.add_argument("--v2a-encoder-weights", default=None, metavar="DIR",
                      help="the THUDM/cogvlm2-video-llama3-chat snapshot, if not inside the V2A weights")  # fmt: skip
-    v2a.add_argument("--v2a-engine", choices=V2A_ENGINES, default=None, help="fast: the UNet under CUDA graphs")
+    v2a.add_argument(
+        "--v2a-engine",
+        choices=V2A_ENGINES,
+        default=None,
+        help="fast: the UNet under CUDA graphs; aoti|tensorrt|onnxruntime: its engine in --engine-dir",
+    )
     parser.add_argument("--gpus", type=parse_gpus, default=None, help="0,1: stages on these GPUs; none: CPU only")
     parser.add_argument("--model-repository", type=Path, default=REPO_MODEL_REPOSITORY)
     parser.add_argument(
@@ -70,7 +75,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def stage_env(args: argparse.Namespace) -> dict[str, str]:
     """K4SERVE_* variables for the settings given on the command line (the rest come from config.pbtxt)."""
     env = {}
-    for key in (*SETTING_KEYS, *V2A_SETTING_KEYS):
+    for key in dict.fromkeys((*SETTING_KEYS, *V2A_SETTING_KEYS)):  # engine_dir is in both
         value = getattr(args, key, None)  # v2a_linear has no flag: config or K4SERVE_V2A_LINEAR
         if value is not None:
             env[ENV_PREFIX + key.upper()] = str(Path(value).resolve()) if key in PATH_KEYS else value

@@ -23,6 +23,7 @@ V2A_SETTING_KEYS = {
     "v2a_encoder_weights": "encoder_weights",
     "v2a_engine": "engine",
     "v2a_linear": "linear",
+    "engine_dir": "engine_dir",  # one engine folder for the deployment: the V2A UNet's engine sits beside the DiT's
 }
 # `mp4_preset`: the H.264 settings of the muxer and t2v_stream (fast, or official: the official writer's).
 ENV_PREFIX = "K4SERVE_"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from k4serve.pipelines.t2v import RequestError, resolve_seed, validate_seed
-from k4serve.pipelines.v2a import V2APipeline, V2ASettings, load_clip
+from k4serve.pipelines.v2a import V2APipeline, V2ASettings, load_clip, unet_feature_dim
 from k4serve.pipelines.video_io import FPS
 from k4serve.serving.backend import (
     StageProgress,
@@ -108,7 +108,7 @@ class V2ASamplerModel(V2AStage):
         validate_seed(seed)
         seed = resolve_seed(seed)
         prompt, video = input_torch(request, "PROMPT_FEATURES"), input_torch(request, "VIDEO_FEATURES")
-        check_v2a_features(prompt, video, self.pipeline.unet.config.feature_dim)
+        check_v2a_features(prompt, video, unet_feature_dim(self.pipeline.unet))
         progress.step(0, self.pipeline.sampler.num_calls)
         latents = self.pipeline.sample((prompt, video), seconds, seed, progress.step)
         return [dlpack_tensor("AUDIO_LATENTS", latents.float().cpu()), scalar_tensor("SEED_USED", seed, torch.int64)]
