@@ -7,6 +7,8 @@
     python benchmarks/engines.py --variants dit-aoti-fast-fp8 dit-aoti-fp8 --engine-dir /tmp/k4-engines
     # VAE decode of the 25 latent frames: eager, fast (Triton norms), the AOTI chunk step looped over 13 chunks
     python benchmarks/engines.py --variants vae-eager vae-fast vae-aoti --engine-dir /tmp/k4-engines
+    # V2A UNet, one CFG-batched sampler call at 12 s: eager (bf16), fast (CUDA graph), the AOTI package
+    python benchmarks/engines.py --variants unet-eager unet-fast unet-aoti --engine-dir /tmp/k4-engines
     # T5-XXL encoder (AOTI, for a server without JIT), then time to first response: `k4serve serve` started twice
     python benchmarks/engines.py --variants t5-eager t5-aoti --engine-dir /tmp/k4-engines
     python benchmarks/engines.py --first-response --engine-dir /tmp/k4-engines
@@ -42,6 +44,7 @@ from k4serve.engines.contracts import CONTRACTS, Bucket
 from k4serve.engines.manifest import MANIFEST, EngineManifest, engine_path
 
 BUCKET = Bucket(384, 672, 12)
+V2A_BUCKET = Bucket(0, 0, 12)  # the V2A UNet's buckets are durations only
 PROMPT = "a red fox running through fresh snow, golden hour"
 # variant -> (component, runner, options)
 VARIANTS = {
@@ -61,9 +64,12 @@ VARIANTS = {
     "vae-aoti": ("vae", "aoti", {"dtype": "bf16", "engine": "eager"}),
     "t5-eager": ("text_encoder", "eager", {}),
     "t5-aoti": ("text_encoder", "aoti", {"dtype": "bf16", "engine": "eager"}),
+    "unet-eager": ("unet", "eager", {}),
+    "unet-fast": ("unet", "fast", {}),
+    "unet-aoti": ("unet", "aoti", {"dtype": "bf16", "engine": "eager"}),
 }
-REFERENCE = {"dit": "dit-eager", "vae": "vae-eager", "text_encoder": "t5-eager"}
-PRESETS = {"dit": "flash-512", "vae": "cogvideox-5b", "text_encoder": "xxl"}
+REFERENCE = {"dit": "dit-eager", "vae": "vae-eager", "text_encoder": "t5-eager", "unet": "unet-eager"}
+PRESETS = {"dit": "flash-512", "vae": "cogvideox-5b", "text_encoder": "xxl", "unet": "kandinsky4-v2a"}
 
 
 def synced(fn):
@@ -76,7 +82,12 @@ def synced(fn):
 
 
 def build(component: str):
-    """The full-size component with seeded random weights on the GPU in bf16 (the pipeline's own builder)."""
+    """The full-size component with seeded random weights on the GPU in bf16 (the pipeline's own builder); the V2A
+    UNet comes as its pipeline, which its export contract reads the latent shapes from."""
+    if component == "unet":
+        from k4serve.pipelines.v2a import V2APipeline, V2ASettings
+
+        return V2APipeline.from_settings(V2ASettings(preset="kandinsky4-v2a", device="cuda"), components=("unet",))
     from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline
 
     settings = PipelineSettings(preset="flash-512", device="cuda")
@@ -90,6 +101,16 @@ def inputs_of(component: str) -> tuple:
         from k4serve.models.t5 import T5TextEncoder, preset_tokenizer
 
         return (T5TextEncoder(preset_tokenizer("xxl"), torch.nn.Identity()).tokenize(PROMPT).cuda(),)
+    if component == "unet":
+        from k4serve.models.audio import PRESETS as AUDIO_PRESETS
+        from k4serve.models.audio import audio_width
+
+        g = torch.Generator().manual_seed(0)
+        sample = torch.randn(2, 4, AUDIO_PRESETS["v2a"].n_mels // 8, audio_width(V2A_BUCKET.seconds) // 8, generator=g)
+        prompt, video = torch.randn(2, 100, 4096, generator=g), torch.randn(2, 96, 4096, generator=g)
+        timestep = torch.full((2,), 981, dtype=torch.int64, device="cuda")
+        sample, prompt, video = (t.to("cuda", torch.bfloat16) for t in (sample, prompt, video))
+        return sample, timestep, prompt, video
     if component == "vae":
         t = BUCKET.latent_frames
         z = torch.randn(1, 16, t, BUCKET.height // 8, BUCKET.width // 8, generator=torch.Generator().manual_seed(0))
@@ -112,7 +133,8 @@ def aoti_engine(variant: str, component: str, options: dict, engine_dir: Path) -
         from k4serve.export.aoti import export_aoti
 
         model = build(component)
-        export_aoti(CONTRACTS[model_name], model, [BUCKET], options["dtype"], folder, preset=PRESETS[component],
+        bucket = V2A_BUCKET if component == "unet" else BUCKET
+        export_aoti(CONTRACTS[model_name], model, [bucket], options["dtype"], folder, preset=PRESETS[component],
                     weights="random:0", command=f"benchmarks/engines.py --variants {variant}",
                     engine=options["engine"], attention=options.get("attention", "triton"),
                     linear=options.get("linear"))  # fmt: skip
@@ -123,8 +145,8 @@ def aoti_engine(variant: str, component: str, options: dict, engine_dir: Path) -
     return engine, export_s, load_s
 
 
-def _loaded(engine):
-    engine.load()
+def _loaded(engine, shapes=None):
+    engine.load(shapes)  # None: every graph of an exported engine
     return engine
 
 
@@ -144,6 +166,14 @@ def runner_of(variant: str, engine_dir: Path, cache: dict):
         torch.cuda.empty_cache()
         cache[component] = build(component)
     model = cache[component]
+    if component == "unet":
+        if kind == "eager":
+            return model.unet, 0.0, 0.0  # the official path: the bf16 module, torch's SDPA choice
+        from k4serve.engines.unet import FastUNet
+
+        sample_shape = inputs_of("unet")[0].shape
+        fast, load_s = synced(lambda: _loaded(FastUNet(model.unet), [tuple(sample_shape)]))
+        return fast, 0.0, load_s
     if component == "dit" and kind == "fast":
         from k4serve.engines.torch import FastDiT
 

@@ -65,16 +65,18 @@ def test_dit_graph_equals_pytorch_with_one_attention_node_per_block(dit_fp32):
 
 def test_vae_chunk_step_decodes_a_multi_chunk_video_equal_to_the_decoder(tmp_path):
     decoder, _ = build_cogvideox_decoder("tiny", seed=0)
-    bucket = Bucket(384, 672, 3)  # 7 latent frames: chunks of 3, 2, 2, so the cache is carried twice
+    # 7 latent frames: chunks of 3, 2, 2, so the cache is carried twice; a small frame (the graphs do not depend on
+    # the size but through their static shapes) keeps the export and the float32 decodes quick
+    bucket = Bucket(64, 96, 3)
     manifest = export_onnx(CONTRACTS["vae-decoder"], decoder, [bucket], "fp32", tmp_path, **EXPORT)
-    assert [g.spec.name for g in manifest.graphs] == ["384x672-first3", "384x672-step2"]
+    assert [g.spec.name for g in manifest.graphs] == ["64x96-first3", "64x96-step2"]
     first, step = (g.spec for g in manifest.graphs)
     assert len(first.inputs) == 1 and len(step.inputs) == len(step.outputs) == len(first.outputs) > 1
     assert [s.name.removeprefix("next.") for s in step.outputs[1:]] == [
         s.name.removeprefix("past.") for s in step.inputs[1:]
     ]
     assert_tensorrt_parses(tmp_path, manifest)
-    z = torch.randn(1, 16, bucket.latent_frames, 48, 84, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(1, 16, bucket.latent_frames, 8, 12, generator=torch.Generator().manual_seed(1))
     reference = decoder.decode(z)
     assert len(latent_chunks(z.shape[2])) == 3
     # the PyTorch chunk step itself, then the ONNX graphs through onnxruntime
@@ -82,7 +84,7 @@ def test_vae_chunk_step_decodes_a_multi_chunk_video_equal_to_the_decoder(tmp_pat
     eager = torch.cat(list(ChunkedDecoder(lambda z, *past: steps[bool(past)](z, *past)).decode_chunks(z)), dim=2)
     assert rel(eager, reference) <= 1e-5
     exported = torch.cat(list(ChunkedDecoder(OnnxRuntimeEngine(tmp_path)).decode_chunks(z)), dim=2)
-    assert exported.shape == reference.shape == (1, 3, 25, 384, 672)
+    assert exported.shape == reference.shape == (1, 3, 25, 64, 96)
     assert rel(exported, reference) <= 1e-4
 
 

@@ -104,7 +104,11 @@ class Serve:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"the server was still running {seconds:g} s on:\n{self.output()[-5000:]}") from None
+            raise AssertionError(
+                f"the server was still running {seconds:g} s on; `k4serve serve` said:\n"
+                f"{self.stderr.read_text(errors='replace')[-4000:]}\ntritonserver's log:\n"
+                f"{self.log.read_text(errors='replace')[-4000:]}"
+            ) from None
 
 
 def wait_for(condition, what: str, timeout_s: float = TIMEOUT_S, every_s: float = 0.05) -> float:

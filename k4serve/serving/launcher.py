@@ -54,6 +54,10 @@ _ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"')  # the models an ensembl
 IN_FLIGHT_METRIC = "k4serve_requests_in_flight"  # the entry points' gauge of requests they hold
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's queued (not yet executing) requests
 DRAIN_REPORT_S = 10.0  # how often a drain that is still waiting says what for
+# Once no request is in flight, a model Triton has not released this long after its unload will not be released
+# by waiting (clean: 1-3 s on 2 loaded cores). Seen in CI: t2v_stream's stub alive and its version UNLOADING with
+# nothing in flight, which held tritonserver's exit for its whole --exit-timeout-secs.
+RELEASE_WAIT_S = 10.0
 SHM_DEFAULT_BYTES = 256 * 2**20  # each Python stub's first shared-memory region (tensors in and out)
 SHM_GROWTH_BYTES = 128 * 2**20  # how much it grows when a request needs more
 
@@ -236,7 +240,7 @@ class TritonServer:
         self.front: HttpFront | None = None
         self.models: list[str] = []
         self.repository: Path = options.model_repository.resolve()
-        self.stuck: set[str] = set()  # models whose stub died while the drain unloaded them: never released
+        self.stuck: set[str] = set()  # models the drain unloaded that Triton never released (see _unload)
         self.stop_requested = threading.Event()  # set by a signal handler: leave wait_ready, then stop()
         self._workdir: tempfile.TemporaryDirectory | None = None
         self._log_file = None
@@ -431,28 +435,38 @@ class TritonServer:
     def _unload(self, models: list[str], deadline: float) -> bool:
         """Unload `models` and wait until Triton has released them (those it never will excepted).
 
-        A Python model whose stubs are all gone yet stays UNLOADING past UNLOAD_WAIT_S lost its stub under a
-        request: Triton 2.51 will not release it (see supervisor), so it is not waited for.
+        Called once nothing is in flight. A Python model whose stubs are all gone yet stays UNLOADING past
+        UNLOAD_WAIT_S lost its stub under a request: Triton 2.51 will not release it (see supervisor); any model
+        still not released RELEASE_WAIT_S after its unload will not be either. Neither is waited for further.
         """
         stubless_since: dict[str, float] = {}
         try:
             for model in models:
                 self.api.unload(model)
-            reported = time.monotonic()
+            reported = asked = time.monotonic()
             while time.monotonic() < deadline:
                 states = self.api.model_states()
                 with_stubs = {stub.model for stub in stub_processes(self.process.pid)}
                 now = time.monotonic()
                 for model in models:
-                    if states.get(model) == "UNLOADING" and model in self.supervisor.python_models - with_stubs:
-                        if now - stubless_since.setdefault(model, now) > UNLOAD_WAIT_S:
-                            self.stuck.add(model)
-                waiting = [m for m in models if m not in self.stuck]
-                if all(states.get(m) == "UNAVAILABLE" for m in waiting):
+                    if states.get(model) in (None, "UNAVAILABLE") or model in self.stuck:
+                        continue
+                    stubless = model in self.supervisor.python_models - with_stubs
+                    if stubless and now - stubless_since.setdefault(model, now) > UNLOAD_WAIT_S:
+                        self.stuck.add(model)
+                    elif now - asked > RELEASE_WAIT_S:
+                        log.error(
+                            "k4serve: Triton has not released %s (%s, stub %s) %.0f s after its unload with nothing "
+                            "in flight; not waiting for it",
+                            model, states.get(model), "alive" if model in with_stubs else "gone", now - asked,
+                        )  # fmt: skip
+                        self.stuck.add(model)
+                held = {m: states.get(m) for m in models if m not in self.stuck}
+                held = {m: state for m, state in held.items() if state not in (None, "UNAVAILABLE")}
+                if not held:
                     return True
                 if now - reported > DRAIN_REPORT_S:
                     reported = now
-                    held = {m: states.get(m) for m in waiting if states.get(m) != "UNAVAILABLE"}
                     log.warning("k4serve: draining: waiting for Triton to release %s", held)
                 time.sleep(0.2)
         except (TritonError, OSError) as error:
@@ -488,10 +502,11 @@ class TritonServer:
         drained = self.supervisor.watching and self.drain()
         kept = self.supervisor.ghosts | self.stuck
         if drained and kept:
-            # Nothing is in flight and every other model is unloaded; the version Triton keeps of a model whose
-            # stub died would hold tritonserver's exit for --exit-timeout-secs and end it in an error.
+            # Nothing is in flight and every other model is unloaded; a version Triton keeps (a model whose stub
+            # died, or one it did not release) would hold tritonserver's exit for --exit-timeout-secs and end it
+            # in an error.
             log.warning(
-                "k4serve: ending tritonserver (Triton 2.51 keeps the dead instance of %s)",
+                "k4serve: ending tritonserver (Triton 2.51 keeps the unreleased version of %s)",
                 ", ".join(sorted(kept)),
             )
             self.process.kill()
