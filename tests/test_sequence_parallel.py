@@ -32,9 +32,9 @@ def case_inputs(case: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torc
 def worker(rank: int, world_size: int, out_dir: str) -> None:
     """One rank: the sequence-parallel forward of every case, saved for the parent to check.
 
-    The ranks meet through a file store, not rank 0's TCP store: a TCP store dies with rank 0, and a rank still
-    shutting down then aborted (SIGABRT "terminate called without an active exception", seen once in CI); the
-    barrier keeps every rank's collectives finished before any rank tears its group down.
+    The ranks meet through a file store, not rank 0's TCP store, and pass a barrier before tearing their group
+    down: with the TCP store a rank aborted at shutdown (SIGABRT "terminate called without an active exception",
+    once in CI), likely because rank 0, which hosts that store, could exit while another rank still used it.
     """
     torch.set_num_threads(1)
     dist.init_process_group(

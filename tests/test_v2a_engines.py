@@ -12,6 +12,7 @@ from k4serve.cli import main
 from k4serve.engines.manifest import EngineManifest, EngineMismatch
 from k4serve.engines.onnxruntime import OnnxRuntimeEngine
 from k4serve.export.tensorrt_ops import check_graph
+from k4serve.pipelines.exported import ExportedUNet
 from k4serve.pipelines.t2v import RequestError
 from k4serve.pipelines.v2a import V2APipeline, V2ASettings
 
@@ -65,7 +66,7 @@ def test_unet_graphs_equal_pytorch_and_pass_the_tensorrt_check(engine_dir, eager
 def test_sampler_on_the_onnxruntime_unet_equals_eager(engine_dir, eager):
     settings = V2ASettings(preset="tiny", engine="onnxruntime", engine_dir=str(engine_dir))
     exported = V2APipeline.from_settings(settings, components=("unet",))
-    assert exported.unet.__class__.__name__ == "ExportedUNet"
+    assert isinstance(exported.unet, ExportedUNet)
     cond = conditioning(eager.unet.config.feature_dim, 3)
     expected = eager.sample(cond, 12, seed=11)
     latents = exported.sample(cond, 12, seed=11)

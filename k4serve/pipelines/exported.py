@@ -91,18 +91,16 @@ class ExportedComponent:
             )
 
 
-def t2v_component(settings: PipelineSettings, component: str, device: str) -> ExportedComponent:
-    """A T2V component's engine, checked against its preset and weights."""
-    preset = PIPELINE_PRESETS[settings.preset][component]
-    return ExportedComponent(settings, component, device, preset, component_weight_files(settings, component))
+def t2v_identity(settings: PipelineSettings, component: str) -> tuple[str, list[Path] | None]:
+    """(model preset, checkpoint files) of a T2V component: what its engine's manifest must name."""
+    return PIPELINE_PRESETS[settings.preset][component], component_weight_files(settings, component)
 
 
 class ExportedDiT(ExportedComponent):
     """Stands where the DiT module stands: its config, and (x, text_embed, time) -> velocity through the engine."""
 
     def __init__(self, settings: PipelineSettings, device: str):
-        super().__init__(settings, "dit", device, PIPELINE_PRESETS[settings.preset]["dit"],
-                         component_weight_files(settings, "dit"))  # fmt: skip
+        super().__init__(settings, "dit", device, *t2v_identity(settings, "dit"))
         self.config = dit_model.PRESETS[self.preset]
 
     def __call__(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
@@ -117,8 +115,7 @@ class ExportedVae(ExportedComponent):
     """The decoder's `decode_chunks` as a loop over the exported chunk-step graphs."""
 
     def __init__(self, settings: PipelineSettings, device: str):
-        super().__init__(settings, "vae", device, PIPELINE_PRESETS[settings.preset]["vae"],
-                         component_weight_files(settings, "vae"))  # fmt: skip
+        super().__init__(settings, "vae", device, *t2v_identity(settings, "vae"))
         self.chunks = ChunkedDecoder(self.engine)
 
     def decode_chunks(self, z: Tensor) -> Iterator[Tensor]:
@@ -157,7 +154,7 @@ class _EngineEncoder:
 
 def exported_text_encoder(settings: PipelineSettings, device: str) -> T5TextEncoder:
     """T5TextEncoder: the Python tokenizer in front of the exported encoder."""
-    component = t2v_component(settings, "text_encoder", device)
+    component = ExportedComponent(settings, "text_encoder", device, *t2v_identity(settings, "text_encoder"))
     if settings.weights is not None:
         tokenizer = load_tokenizer(_weights_paths(settings.weights)["tokenizer"])
     else:

@@ -55,8 +55,8 @@ IN_FLIGHT_METRIC = "k4serve_requests_in_flight"  # the entry points' gauge of re
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's queued (not yet executing) requests
 DRAIN_REPORT_S = 10.0  # how often a drain that is still waiting says what for
 # Once no request is in flight, a model Triton has not released this long after its unload will not be released
-# by waiting (clean: 1-3 s on 2 loaded cores). Seen in CI: t2v_stream's stub alive and its version UNLOADING with
-# nothing in flight, which held tritonserver's exit for its whole --exit-timeout-secs.
+# by waiting. Seen in a full CPU test run: t2v_stream UNLOADING with nothing in flight, which then held
+# tritonserver's exit for its whole --exit-timeout-secs.
 RELEASE_WAIT_S = 10.0
 SHM_DEFAULT_BYTES = 256 * 2**20  # each Python stub's first shared-memory region (tensors in and out)
 SHM_GROWTH_BYTES = 128 * 2**20  # how much it grows when a request needs more
