@@ -4,12 +4,13 @@
 #   source .whl/gpu_serve.sh   # on an offline GPU host (scripts/gpu_bundle.sh)
 #   bash benchmarks/server.sh
 # Env: PRESET (flash-512), V2A_ARGS ("--v2a-preset kandinsky4-v2a --v2a-engine fast"), MODELS (default: every
-# model), ENGINE (fast), REQUESTS per level (4), CLIP_SECONDS (12), AUDIO (1: the t2va / v2a requests), OUT (outputs/server).
+# model), ENGINE (fast), REQUESTS per level (4), CLIP_SECONDS (12), LOAD (1: benchmarks/load.py, t2v and t2v_stream at
+# 0 s clips, concurrency 1,4,16,64, through the same server), AUDIO (1: the t2va / v2a requests), OUT (outputs/server).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/server}; mkdir -p "$OUT"
 PY=${PY:-python}; PRESET=${PRESET:-flash-512}; REQUESTS=${REQUESTS:-4}; CLIP_SECONDS=${CLIP_SECONDS:-12}
-V2A_ARGS=${V2A_ARGS:---v2a-preset kandinsky4-v2a --v2a-engine fast}; AUDIO=${AUDIO:-1}
+V2A_ARGS=${V2A_ARGS:---v2a-preset kandinsky4-v2a --v2a-engine fast}; AUDIO=${AUDIO:-1}; LOAD=${LOAD:-1}
 URL=127.0.0.1:8101
 export PYTHONUNBUFFERED=1
 models=(); [ -n "$MODELS" ] && models=(--models $MODELS)
@@ -39,7 +40,13 @@ gpu_memory() {
 loaded=$(gpu_memory)
 echo "GPU memory with every model loaded: $loaded"
 $PY -m k4serve.cli bench --url $URL --model t2v_stream --concurrency 1,2,4 --requests "$REQUESTS" \
-  --seconds "$CLIP_SECONDS" --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"
+  --seconds "$CLIP_SECONDS" --timeout 300 --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"
+if [ "$LOAD" = 1 ]; then  # appends its own tables to RESULTS.md
+  for model in t2v t2v_stream; do
+    $PY benchmarks/load.py --url $URL --model $model --seconds 0 --size 384x672 --concurrency 1,4,16,64 \
+      --requests 16 --device "${loaded%%,*}, $PRESET engine ${ENGINE:-fast}" 2>&1 | tee -a "$OUT/load.log"
+  done
+fi
 timed() {  # timed NAME COMMAND...: the command's wall time in seconds, or its failure
   local start; start=$($PY -c 'import time; print(time.time())')
   if "${@:2}" > "$OUT/$1.out" 2>&1; then $PY -c "import time; print(f'$1: {time.time() - $start:.2f} s')"

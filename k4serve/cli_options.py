@@ -27,6 +27,33 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+# A client gives up on a request after this long unless told otherwise: a request the server never answers (on the
+# H200, Triton 2.51 left a stream unanswered when its entry point's stub process died under it) must not hang a
+# command-line client. A 12 s video takes seconds on a GPU and minutes on a loaded CPU.
+REQUEST_TIMEOUT_S = 900.0
+
+
+def parse_timeout(text: str) -> float | None:
+    """'900' -> 900.0; '0' -> None (no limit)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"--timeout takes seconds >= 0 (0: no limit), got {text!r}")
+    return seconds or None
+
+
+def add_timeout_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--timeout SECONDS` (default REQUEST_TIMEOUT_S; 0: no limit) as args.timeout, None for no limit."""
+    parser.add_argument(
+        "--timeout",
+        type=parse_timeout,
+        default=REQUEST_TIMEOUT_S,
+        help=f"give up on {what} after this many seconds (default {REQUEST_TIMEOUT_S:g}; 0: wait as long as it takes)",
+    )
+
+
 def parse_device(text: str) -> str | dict[str, str]:
     """'cuda' or a per-component map 'text_encoder=cuda:1,dit=cuda:0,vae=cuda:1'."""
     if "=" not in text:

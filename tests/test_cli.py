@@ -4,8 +4,10 @@ for every bad argument."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import imageio_ffmpeg
 import numpy as np
@@ -158,3 +160,16 @@ def test_bad_v2a_input_exits_nonzero_naming_the_fix(name, tmp_path, capsys, monk
 def test_generate_audio_needs_whole_seconds(tmp_path, capsys):
     assert main(["generate", "a red fox", "-o", str(tmp_path / "x.mp4"), "--seconds", "0", "--audio"]) == 2
     assert "--audio needs --seconds 1..12" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", [[], ["--stream"]])
+def test_request_to_a_server_that_never_answers_ends_at_its_timeout(tmp_path, capsys, mode):
+    """A listener that accepts and never speaks: the client gives up at --timeout with the fix, not a hang."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        code = main(["request", "a fox", *mode, "--url", url, "--timeout", "1.5", "-o", str(tmp_path / "v.mp4")])
+        elapsed = time.monotonic() - started
+    assert code == 2 and 1.5 <= elapsed < 10
+    assert "no answer within 1.5 s; give it longer with --timeout (0: no limit)" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from k4serve.cli_options import parse_size
+from k4serve.cli_options import add_timeout_argument, parse_size
 from k4serve.client import DEFAULT_URL
 
 MODELS = ("t2v", "t2v_stream")
@@ -56,7 +56,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH, e.g. 384x672")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--seed", type=int, default=None, help="seed of every request (the server draws if absent)")
-    parser.add_argument("--timeout", type=float, default=None, help="per-request limit in seconds")
+    add_timeout_argument(parser, "each request (counted as an error)")
     parser.add_argument("--json", type=Path, default=Path("k4serve-bench.json"), help="where to write the results")
     parser.add_argument("--plot", type=Path, default=Path("k4serve-bench.png"), help="where to draw them")
 

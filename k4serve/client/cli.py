@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from k4serve.cli_options import parse_size
+from k4serve.cli_options import add_timeout_argument, parse_size
 from k4serve.client import DEFAULT_URL
 from k4serve.pipelines.t2v import RequestError
 from k4serve.pipelines.v2a import TIMINGS, UPLOAD_LIMITS
@@ -39,7 +39,7 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="noise seed (the server draws one if absent)")
     parser.add_argument("--request-id", default="", help="id that tags the request in the server's logs")
     parser.add_argument("--stream", action="store_true", help="show progress (the _stream entry point) while it runs")
-    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    add_timeout_argument(parser, "the request")
     sound = parser.add_argument_group("sound (with --audio or --v2a; absent: the server's defaults)")
     sound.add_argument("--audio-prompt", "--prompt", dest="audio_prompt", default=None, metavar="TEXT",
                        help="what the sound should be (default: the official V2A prompt)")  # fmt: skip
@@ -60,7 +60,11 @@ def run_request(args: argparse.Namespace) -> int:
         with T2VClient(args.url, args.timeout) as client:
             video = _stream_with_bars(client, request) if args.stream else client.generate(request)
     except InferenceServerException as error:
-        print(f"error: {error.message()}", file=sys.stderr)
+        if error.status() == "StatusCode.DEADLINE_EXCEEDED":
+            print(f"error: no answer within {args.timeout:g} s; give it longer with --timeout (0: no limit)",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"error: {error.message()}", file=sys.stderr)
         return 2
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -186,11 +186,12 @@ class T2VClient:
         Leaving the loop early cancels the request."""
         request = request.with_id()
         responses: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        # The deadline is the stream's (gRPC ends it with DEADLINE_EXCEEDED), not a limit on the gap between events.
+        self.client.start_stream(lambda result, error: responses.put((result, error)), stream_timeout=self.timeout_s)
         try:
             self.client.async_stream_infer(request.stream_model, request.inputs(), request_id=request.request_id)
             while True:
-                item = _stream_item(*responses.get(timeout=self.timeout_s))
+                item = _stream_item(*responses.get())
                 yield item
                 if isinstance(item, Video):
                     return
