@@ -102,23 +102,28 @@ def inputs_of(component: str) -> tuple:
 
         return (T5TextEncoder(preset_tokenizer("xxl"), torch.nn.Identity()).tokenize(PROMPT).cuda(),)
     if component == "unet":
+        from k4serve.engines.contracts import CFG_BATCH, V2A_FRAMES, V2A_PROMPT_TOKENS
         from k4serve.models.audio import PRESETS as AUDIO_PRESETS
         from k4serve.models.audio import audio_width
+        from k4serve.models.v2a_unet import PRESETS as UNET_PRESETS
 
-        g = torch.Generator().manual_seed(0)
-        sample = torch.randn(2, 4, AUDIO_PRESETS["v2a"].n_mels // 8, audio_width(V2A_BUCKET.seconds) // 8, generator=g)
-        prompt, video = torch.randn(2, 100, 4096, generator=g), torch.randn(2, 96, 4096, generator=g)
-        timestep = torch.full((2,), 981, dtype=torch.int64, device="cuda")
+        g, config = torch.Generator().manual_seed(0), UNET_PRESETS[PRESETS["unet"]]
+        mels, width = AUDIO_PRESETS["v2a"].n_mels // 8, audio_width(V2A_BUCKET.seconds) // 8
+        sample = torch.randn(CFG_BATCH, config.in_channels, mels, width, generator=g)
+        prompt = torch.randn(CFG_BATCH, V2A_PROMPT_TOKENS, config.feature_dim, generator=g)
+        video = torch.randn(CFG_BATCH, V2A_FRAMES, config.feature_dim, generator=g)
+        timestep = torch.full((CFG_BATCH,), 981, dtype=torch.int64, device="cuda")
         sample, prompt, video = (t.to("cuda", torch.bfloat16) for t in (sample, prompt, video))
         return sample, timestep, prompt, video
     if component == "vae":
         t = BUCKET.latent_frames
         z = torch.randn(1, 16, t, BUCKET.height // 8, BUCKET.width // 8, generator=torch.Generator().manual_seed(0))
         return (z.to("cuda", torch.bfloat16),)
-    from k4serve.models.dit import PRESETS, DiffusionTransformer3D
+    from k4serve.models.dit import PRESETS as DIT_PRESETS
+    from k4serve.models.dit import DiffusionTransformer3D
 
     with torch.device("meta"):  # the contract needs the config only
-        dit = DiffusionTransformer3D(PRESETS["flash-512"])
+        dit = DiffusionTransformer3D(DIT_PRESETS[PRESETS["dit"]])
     x, text, _ = CONTRACTS["dit"].graphs(dit, [BUCKET], torch.bfloat16)[0].sample_inputs("cuda")
     return x, text, torch.full((1,), 999, dtype=torch.int64, device="cuda")
 

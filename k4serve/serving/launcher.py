@@ -58,6 +58,7 @@ DRAIN_REPORT_S = 10.0  # how often a drain that is still waiting says what for
 # by waiting. Seen in a full CPU test run: t2v_stream UNLOADING with nothing in flight, which then held
 # tritonserver's exit for its whole --exit-timeout-secs.
 RELEASE_WAIT_S = 10.0
+RELEASED = (None, "UNAVAILABLE")  # a model's state in the repository index once Triton has let it go
 SHM_DEFAULT_BYTES = 256 * 2**20  # each Python stub's first shared-memory region (tensors in and out)
 SHM_GROWTH_BYTES = 128 * 2**20  # how much it grows when a request needs more
 
@@ -449,7 +450,7 @@ class TritonServer:
                 with_stubs = {stub.model for stub in stub_processes(self.process.pid)}
                 now = time.monotonic()
                 for model in models:
-                    if states.get(model) in (None, "UNAVAILABLE") or model in self.stuck:
+                    if states.get(model) in RELEASED or model in self.stuck:
                         continue
                     stubless = model in self.supervisor.python_models - with_stubs
                     if stubless and now - stubless_since.setdefault(model, now) > UNLOAD_WAIT_S:
@@ -461,8 +462,7 @@ class TritonServer:
                             model, states.get(model), "alive" if model in with_stubs else "gone", now - asked,
                         )  # fmt: skip
                         self.stuck.add(model)
-                held = {m: states.get(m) for m in models if m not in self.stuck}
-                held = {m: state for m, state in held.items() if state not in (None, "UNAVAILABLE")}
+                held = {m: states[m] for m in models if m not in self.stuck and states.get(m) not in RELEASED}
                 if not held:
                     return True
                 if now - reported > DRAIN_REPORT_S:
