@@ -9,6 +9,10 @@ transaction policy differs. A stage input fed from a tensor of another name (Ste
 Requests run on threads of the orchestrator's one (CPU) instance, so consecutive requests overlap across the
 stages (the DiT of request i+1 while the VAE and the muxer of request i run); each stage instance still takes
 one request at a time, and Triton queues the rest in front of it.
+
+A finished streaming stage call is let go of only after the stub has cleaned it up (`FinishedCalls`): Triton 2.51's
+stub (python_backend r24.10) otherwise frees the call's responses on a thread without the GIL, and under Python 3.12
+that ends the process (see FinishedCalls).
 """
 
 from __future__ import annotations
@@ -68,13 +72,29 @@ class Flight:
         self.started = time.monotonic()
         self.timeout_s = request.timeout() / 1e6  # the request's own `timeout` field (microseconds), 0 when none
         self.late = False
+        self.cancelled = False
         self._asking = threading.Lock()  # one question to Triton at a time (the request's thread, the watcher)
 
-    def stopped(self) -> bool:
-        """Whether the client cancelled the request (a gRPC deadline counts) or its timeout passed."""
+    def overdue(self) -> bool:
+        """Whether the request's own timeout has passed."""
         self.late = self.late or (self.timeout_s > 0 and time.monotonic() - self.started > self.timeout_s)
+        return self.late
+
+    def ask(self) -> bool:
+        """Ask Triton whether the client cancelled (a gRPC deadline counts). True when the question went through
+        the stub's queue to the parent process (see FinishedCalls); False when the stub answered from its cache:
+        once a request is found cancelled, the stub answers so at once."""
         with self._asking:
-            return self.late or self.request.is_cancelled()
+            if self.cancelled:
+                return False
+            self.cancelled = self.request.is_cancelled()
+            return True
+
+    def stopped(self) -> bool:
+        """Whether the client cancelled the request or its timeout passed."""
+        if not self.overdue():
+            self.ask()
+        return self.late or self.cancelled
 
     def cancellation(self) -> Cancelled:
         """Why the request was stopped, for its response."""
@@ -100,6 +120,44 @@ class Flight:
             elapsed = time.monotonic() - self.started
             event = {"stage": stage, "step": step, "steps": steps, "fraction": step / steps, "elapsed": elapsed}
             self.sender.send(event_response(event))
+
+
+class FinishedCalls:
+    """Finished streaming (decoupled BLS) stage calls, let go of only once the stub has cleaned them up.
+
+        In Triton 2.51's stub (python_backend r24.10) a decoupled BLS call is held twice: by its Python iterator and by
+    the stub's map of calls. Reading its last response queues the call's cleanup on the stub's stub-to-parent thread
+    (a C++ thread, one queue in order: cleanups, log lines, is_cancelled questions), which drops the map's hold. If
+    Python let go first, that thread frees the responses, and with them their tensors' numpy arrays, without the
+    GIL. Under Python 3.12 the free dereferences a NULL thread state: `segfault at 10 ... libpython3.12`, seen on the
+    H200 and, under 3.12, on the CPU (tests/test_serving_stub.py says how); under 3.11, whose allocator is
+    process-wide, the free runs silently off the GIL. Fixed upstream in r24.12 (Triton 2.53: PbTensor's destructor
+    takes the GIL). So Python lets go last: a fresh is_cancelled question is answered only after everything queued
+    before it, the call's cleanup included.
+    """
+
+    def __init__(self):
+        self._held: list = []
+        self._lock = threading.Lock()
+
+    def release(self, call, flight: Flight) -> None:
+        """Let go of a finished `call` once a question of `flight`'s has passed its cleanup; when none can be asked
+        (the request is cancelled), hold it until one of the watcher's questions about another request has (while
+        the server is idle, that is the next request's: a held call keeps its responses' memory until then)."""
+        if not flight.ask():
+            with self._lock:
+                self._held.append(call)
+
+    def take(self) -> list:
+        """The held calls (their cleanups were queued before any question asked after this)."""
+        with self._lock:
+            held, self._held = self._held, []
+        return held
+
+    def hold(self, calls: list) -> None:
+        """Hold `calls` again: no question reached the stub's queue after them."""
+        with self._lock:
+            self._held.extend(calls)
 
 
 class Orchestrator(TritonModel):
@@ -134,6 +192,7 @@ class Orchestrator(TritonModel):
         self.admission = Admission(self.name, bound, control_dir(), gauge=self.in_flight.set)
         self.stage_calls = threading.BoundedSemaphore(max_stage_calls())  # see control.DEFAULT_MAX_STAGE_CALLS
         self.flights: set[Flight] = set()
+        self.finished_calls = FinishedCalls()
         self.lock = threading.Lock()
         self.stop_watching = threading.Event()
         self.watcher = threading.Thread(target=self._watch, name=f"{self.name}-watch", daemon=True)
@@ -215,11 +274,13 @@ class Orchestrator(TritonModel):
         )
         if step.streams:
             outputs, failure = {}, None
-            for response in inference.exec(decoupled=True):  # read to the end, even past an error
+            call = inference.exec(decoupled=True)
+            for response in call:  # read to the end, even past an error
                 try:
                     outputs.update(self._outputs(step, response, flight) if failure is None else {})
                 except Exception as error:
                     failure = error
+            self.finished_calls.release(call, flight)
             if failure is not None:
                 raise failure
         else:
@@ -249,15 +310,23 @@ class Orchestrator(TritonModel):
         return {name: tensor for name, tensor in found.items() if tensor is not None}
 
     def _watch(self) -> None:
-        """Flag the requests whose client left or whose deadline passed, so the stages stop them at once."""
+        """Flag the requests whose client left or whose deadline passed, so the stages stop them at once; let go of
+        the finished calls held for want of a question (FinishedCalls) once one of these questions passed them."""
         while not self.stop_watching.wait(WATCH_INTERVAL_S):
+            held, asked = self.finished_calls.take(), False
             with self.lock:  # a request leaves `flights` (under the lock) before its final response
                 for flight in self.flights:
                     try:
-                        if not flight.flagged and flight.stopped():
+                        if flight.flagged:
+                            continue
+                        if not flight.overdue():
+                            asked = flight.ask() or asked
+                        if flight.late or flight.cancelled:
                             flight.flag()
                     except Exception:  # one request's trouble must not stop the watch over the others
                         pb_utils.Logger.log_error(traceback.format_exc())
+            if not asked:
+                self.finished_calls.hold(held)
 
     def finalize(self) -> None:
         self.stop_watching.set()
