@@ -81,6 +81,22 @@ def input_bytes(request, name: str, required: bool = True) -> bytes | None:
     return values.reshape(-1)[0]
 
 
+def wants(request, name: str) -> bool:
+    """Whether the request's caller asked for the output `name` (asking for none means every output)."""
+    requested = request.requested_output_names()
+    return not requested or name in requested
+
+
+def requested_only(request, tensors: list) -> list:
+    """The output `tensors` the request's caller asked for.
+
+    Triton 2.51's stub drops the others itself as it sends a response through a response sender, with the GIL
+    released (ResponseSender::Send -> PruneOutputTensors); freeing their numpy arrays there ends the stub under
+    Python 3.12, as in orchestrator.FinishedCalls. Dropped here, Python frees them.
+    """
+    return [tensor for tensor in tensors if wants(request, tensor.name())]
+
+
 def bytes_tensor(name: str, data: bytes | str) -> pb_utils.Tensor:
     """A one-element BYTES output."""
     return pb_utils.Tensor(name, np.array([data], dtype=np.object_))
@@ -232,7 +248,7 @@ class StageProgress:
 
     def __init__(self, request, sender, flags: CancelFlags):
         self.request = request
-        self.sender = sender  # None: a stage that answers once
+        self.sender = sender if sender is not None and wants(request, "EVENT") else None  # None: no EVENTs
         self.flags = flags
         self.token = cancel_token(request)
 
@@ -289,7 +305,7 @@ class StageModel(TritonModel):
         started = time.perf_counter()
         try:  # one bad request must not fail the others of the batch
             progress.check()  # a request cancelled while it queued costs nothing
-            outputs = self.run(request, progress)
+            outputs = requested_only(request, self.run(request, progress))
         except Cancelled as error:
             self.metrics.count_cancelled()
             return error_response(error)

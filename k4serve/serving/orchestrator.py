@@ -31,6 +31,8 @@ from k4serve.serving.backend import (
     TritonModel,
     error_response,
     event_response,
+    requested_only,
+    wants,
 )
 from k4serve.serving.control import (
     CANCEL_PARAMETER,
@@ -65,7 +67,7 @@ class Flight:
     def __init__(self, request, sender, streams: bool, flags: CancelFlags):
         self.request = request
         self.sender = sender
-        self.streams = streams
+        self.streams = streams and wants(request, "EVENT")  # EVENTs only to a client that takes them
         self.flags = flags
         self.token = flags.new_token()
         self.flagged = False
@@ -231,7 +233,8 @@ class Orchestrator(TritonModel):
             tensors = {tensor.name(): tensor for tensor in request.inputs()}
             for step in self.steps:
                 tensors.update(self._call(step, tensors, flight))
-            response = pb_utils.InferenceResponse(output_tensors=[tensors[name] for name in self.outputs])
+            outputs = requested_only(request, [tensors[name] for name in self.outputs])
+            response = pb_utils.InferenceResponse(output_tensors=outputs)
             finished = time.monotonic() - flight.started
         except Cancelled:
             self.metrics.count_cancelled()
