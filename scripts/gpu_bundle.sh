@@ -16,7 +16,7 @@ for p in manylinux_2_35_x86_64 manylinux_2_28_x86_64 manylinux_2_24_x86_64 manyl
     manylinux2014_x86_64 manylinux2010_x86_64; do platforms+=(--platform "$p"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
   -d "$work/wheels" nvidia-pytriton==0.7.0 tritonclient==2.73.0 numpy==1.26.4 python-rapidjson==1.25 \
-  imageio-ffmpeg==0.5.1 ml_dtypes==0.5.1
+  imageio-ffmpeg==0.6.0 ml_dtypes==0.5.1
 mkdir "$work/site"
 for wheel in "$work"/wheels/*.whl; do (cd "$work/site" && "$PY" -m zipfile -e "$wheel" .); done
 site=$work/site

@@ -244,7 +244,8 @@ def cache_shapes(decoder, z_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        z = mode.from_tensor(torch.empty(z_shape, dtype=next(decoder.parameters()).dtype))
+        weight = next(decoder.parameters())  # a GPU decoder's cache shapes are traced on the GPU too
+        z = mode.from_tensor(torch.empty(z_shape, dtype=weight.dtype, device=weight.device))
         _, *caches = VaeChunkStep(decoder, with_cache=False, emit_cache=True)(z)
     return {path: tuple(c.shape) for (path, _), c in zip(cached_convs(decoder), caches, strict=True)}
 
