@@ -4,7 +4,7 @@ Both free numpy arrays without the GIL. Under Python 3.12 that ends the stub pro
 libpython3.12`: seen on the H200, and here when these probes run under 3.12); under 3.11 the free runs silently.
 - A finished streaming stage call (decoupled BLS) is held by its Python iterator and by the stub's map of calls,
   whose hold the stub's stub-to-parent thread (C++, no GIL) drops; if Python let go first, that thread frees the
-  call's responses (orchestrator.FinishedCalls).
+  call's responses (Orchestrator._after_cleanup).
 - A response sent through a response sender loses the outputs its caller did not ask for with the GIL released
   (backend.requested_only).
 The probes are `t2v_stream` and `dit_sampler` with a finalizer on each numpy array of interest that counts whether

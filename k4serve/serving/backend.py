@@ -92,7 +92,7 @@ def requested_only(request, tensors: list) -> list:
 
     Triton 2.51's stub drops the others itself as it sends a response through a response sender, with the GIL
     released (ResponseSender::Send -> PruneOutputTensors); freeing their numpy arrays there ends the stub under
-    Python 3.12, as in orchestrator.FinishedCalls. Dropped here, Python frees them.
+    Python 3.12, as in Orchestrator._after_cleanup. Dropped here, Python frees them.
     """
     return [tensor for tensor in tensors if wants(request, tensor.name())]
 

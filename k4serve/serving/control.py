@@ -28,7 +28,7 @@ MAX_STAGE_CALLS_ENV = "K4SERVE_MAX_STAGE_CALLS"
 # Stage calls one entry point's process has in flight at once. Triton's Python backend (2.51 here; server issue
 # #8882 on 2.55) can abort tritonserver (boost::interprocess::lock_exception) under concurrent BLS calls: seen on
 # the H200 with 4 requests in flight through t2v_stream, not with 2 (the stub deaths seen later at 1 had another
-# cause, now avoided: orchestrator.FinishedCalls). Two keep the DiT of one request running beside the VAE and
+# cause, now avoided: Orchestrator._after_cleanup). Two keep the DiT of one request running beside the VAE and
 # muxer of the one before (the overlap that throughput needs); the others wait in the entry point.
 DEFAULT_MAX_STAGE_CALLS = 2
 DRAINING_FILE = "draining"

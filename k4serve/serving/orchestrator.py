@@ -10,9 +10,9 @@ Requests run on threads of the orchestrator's one (CPU) instance, so consecutive
 stages (the DiT of request i+1 while the VAE and the muxer of request i run); each stage instance still takes
 one request at a time, and Triton queues the rest in front of it.
 
-A finished streaming stage call is let go of only after the stub has cleaned it up (`FinishedCalls`): Triton 2.51's
-stub (python_backend r24.10) otherwise frees the call's responses on a thread without the GIL, and under Python 3.12
-that ends the process (see FinishedCalls).
+A finished streaming stage call is let go of only after the stub has cleaned it up (`_after_cleanup`): Triton
+2.51's stub (python_backend r24.10) otherwise frees the call's responses on a thread without the GIL, and under
+Python 3.12 that ends the process.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class Flight:
 
     def ask(self) -> bool:
         """Ask Triton whether the client cancelled (a gRPC deadline counts). True when the question went through
-        the stub's queue to the parent process (see FinishedCalls); False when the stub answered from its cache:
-        once a request is found cancelled, the stub answers so at once."""
+        the stub's queue to the parent process (see Orchestrator._after_cleanup); False when the stub answered from
+        its cache: once a request is found cancelled, the stub answers so at once."""
         with self._asking:
             if self.cancelled:
                 return False
@@ -124,44 +124,6 @@ class Flight:
             self.sender.send(event_response(event))
 
 
-class FinishedCalls:
-    """Finished streaming (decoupled BLS) stage calls, let go of only once the stub has cleaned them up.
-
-        In Triton 2.51's stub (python_backend r24.10) a decoupled BLS call is held twice: by its Python iterator and by
-    the stub's map of calls. Reading its last response queues the call's cleanup on the stub's stub-to-parent thread
-    (a C++ thread, one queue in order: cleanups, log lines, is_cancelled questions), which drops the map's hold. If
-    Python let go first, that thread frees the responses, and with them their tensors' numpy arrays, without the
-    GIL. Under Python 3.12 the free dereferences a NULL thread state: `segfault at 10 ... libpython3.12`, seen on the
-    H200 and, under 3.12, on the CPU (tests/test_serving_stub.py says how); under 3.11, whose allocator is
-    process-wide, the free runs silently off the GIL. Fixed upstream in r24.12 (Triton 2.53: PbTensor's destructor
-    takes the GIL). So Python lets go last: a fresh is_cancelled question is answered only after everything queued
-    before it, the call's cleanup included.
-    """
-
-    def __init__(self):
-        self._held: list = []
-        self._lock = threading.Lock()
-
-    def release(self, call, flight: Flight) -> None:
-        """Let go of a finished `call` once a question of `flight`'s has passed its cleanup; when none can be asked
-        (the request is cancelled), hold it until one of the watcher's questions about another request has (while
-        the server is idle, that is the next request's: a held call keeps its responses' memory until then)."""
-        if not flight.ask():
-            with self._lock:
-                self._held.append(call)
-
-    def take(self) -> list:
-        """The held calls (their cleanups were queued before any question asked after this)."""
-        with self._lock:
-            held, self._held = self._held, []
-        return held
-
-    def hold(self, calls: list) -> None:
-        """Hold `calls` again: no question reached the stub's queue after them."""
-        with self._lock:
-            self._held.extend(calls)
-
-
 class Orchestrator(TritonModel):
     """A generic entry point: subclasses set `steps` (the pipeline) and `outputs` (what the client gets back),
     and may override `check(request)` to refuse bad input before any stage runs.
@@ -194,7 +156,6 @@ class Orchestrator(TritonModel):
         self.admission = Admission(self.name, bound, control_dir(), gauge=self.in_flight.set)
         self.stage_calls = threading.BoundedSemaphore(max_stage_calls())  # see control.DEFAULT_MAX_STAGE_CALLS
         self.flights: set[Flight] = set()
-        self.finished_calls = FinishedCalls()
         self.lock = threading.Lock()
         self.stop_watching = threading.Event()
         self.watcher = threading.Thread(target=self._watch, name=f"{self.name}-watch", daemon=True)
@@ -283,7 +244,7 @@ class Orchestrator(TritonModel):
                     outputs.update(self._outputs(step, response, flight) if failure is None else {})
                 except Exception as error:
                     failure = error
-            self.finished_calls.release(call, flight)
+            self._after_cleanup(flight)  # before `call` goes: see _after_cleanup
             if failure is not None:
                 raise failure
         else:
@@ -312,24 +273,39 @@ class Orchestrator(TritonModel):
         found = {name: pb_utils.get_output_tensor_by_name(response, name) for name in step.outputs}
         return {name: tensor for name, tensor in found.items() if tensor is not None}
 
+    def _after_cleanup(self, flight: Flight) -> None:
+        """Return once the stub has cleaned up the streaming stage call this thread just finished reading.
+
+        In Triton 2.51's stub (python_backend r24.10) a decoupled BLS call is held twice: by its Python iterator and
+        by the stub's map of calls. Reading its last response queues the call's cleanup on the stub's stub-to-parent
+        thread (a C++ thread, one queue in order: cleanups, log lines, is_cancelled questions), which drops the
+        map's hold. If Python let go first, that thread frees the responses, and with them their tensors' numpy
+        arrays, without the GIL. Under Python 3.12 the free dereferences a NULL thread state: `segfault at 10 ...
+        libpython3.12`, seen on the H200 and, under 3.12, on the CPU (tests/test_serving_stub.py says how); under
+        3.11, whose allocator is process-wide, the free runs silently off the GIL. Fixed upstream in r24.12 (Triton
+        2.53: PbTensor's destructor takes the GIL). A fresh is_cancelled question is answered only after everything
+        queued before it, the call's cleanup included, so the caller lets go of the call after this returns. Once a
+        request is found cancelled the stub answers from its cache, so another request in flight is asked; with
+        none, the call goes unguarded (a call held past its request's end instead corrupted the stub's shared
+        memory: tritonserver aborted at client deadlines, tests/test_serving_load.py).
+        """
+        if flight.ask():
+            return
+        with self.lock:  # a request leaves `flights` (under the lock) before its final response
+            for other in self.flights:
+                if other is not flight and other.ask():
+                    return
+
     def _watch(self) -> None:
-        """Flag the requests whose client left or whose deadline passed, so the stages stop them at once; let go of
-        the finished calls held for want of a question (FinishedCalls) once one of these questions passed them."""
+        """Flag the requests whose client left or whose deadline passed, so the stages stop them at once."""
         while not self.stop_watching.wait(WATCH_INTERVAL_S):
-            held, asked = self.finished_calls.take(), False
             with self.lock:  # a request leaves `flights` (under the lock) before its final response
                 for flight in self.flights:
                     try:
-                        if flight.flagged:
-                            continue
-                        if not flight.overdue():
-                            asked = flight.ask() or asked
-                        if flight.late or flight.cancelled:
+                        if not flight.flagged and flight.stopped():
                             flight.flag()
                     except Exception:  # one request's trouble must not stop the watch over the others
                         pb_utils.Logger.log_error(traceback.format_exc())
-            if not asked:
-                self.finished_calls.hold(held)
 
     def finalize(self) -> None:
         self.stop_watching.set()
