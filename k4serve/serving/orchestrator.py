@@ -286,8 +286,9 @@ class Orchestrator(TritonModel):
         2.53: PbTensor's destructor takes the GIL). A fresh is_cancelled question is answered only after everything
         queued before it, the call's cleanup included, so the caller lets go of the call after this returns. Once a
         request is found cancelled the stub answers from its cache, so another request in flight is asked; with
-        none, the call goes unguarded (a call held past its request's end instead corrupted the stub's shared
-        memory: tritonserver aborted at client deadlines, tests/test_serving_load.py).
+        none, the call goes unguarded. (Holding such calls for the watcher to let go of later, past their request's
+        end, made tritonserver abort at client deadlines in every run of tests/test_serving_load.py: lock_exception,
+        length_error, as from corrupted shared memory.)
         """
         if flight.ask():
             return
