@@ -34,6 +34,7 @@ from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, ServerOptions, Trito
 FREED = '''
 import ctypes
 import threading
+import time
 import weakref
 
 import triton_python_backend_utils as pb_utils
@@ -57,7 +58,7 @@ class FreedArrays:
 
     def _report(self):
         while True:
-            threading.Event().wait(0.2)
+            time.sleep(0.2)
             if self.counts != self.reported:
                 self.reported = dict(self.counts)
                 line = " ".join(f"{key}={value}" for key, value in self.reported.items())
