@@ -5,6 +5,7 @@ refused with the fix."""
 from __future__ import annotations
 
 import collections
+import shutil
 
 import numpy as np
 import onnx
@@ -214,6 +215,32 @@ def test_aoti_package_of_the_tiny_dit_round_trips_equal_to_eager(tmp_path):
     reference = build_dit("tiny", seed=0)(x, text, time)
     assert out.shape == reference.shape and rel(out, reference) <= 1e-5
     assert not np.allclose(out.numpy(), 0)
+    assert manifest.tools["cxx"] == shutil.which("g++")
+
+
+def static_libstdcxx_compiler(folder) -> str:
+    """A g++ that links libstdc++ into every shared library (as the H200 image's /opt/gcc/bin/g++ does)."""
+    script = folder / "g++-static-libstdc++"
+    script.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} "$@" -static-libstdc++\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_aoti_export_refuses_a_compiler_whose_packages_crash_at_load(tmp_path, capsys):
+    from torch._inductor import config
+
+    from k4serve.export.aoti import loadable_cxx, runs_std_regex_beside_torch
+
+    static = static_libstdcxx_compiler(tmp_path)
+    assert runs_std_regex_beside_torch(shutil.which("g++")) is None
+    assert "links libstdc++ statically" in runs_std_regex_beside_torch(static)
+    with config.patch({"cpp.cxx": (static,)}):  # CXX set to it: the export takes g++ instead and says why
+        assert loadable_cxx() == shutil.which("g++")
+    assert f"not {static}: its shared libraries crash" in capsys.readouterr().err
+    args = ["export", "aoti", "--model", "dit", "--size", "384x672", "--seconds", "0", "--device", "cpu"]
+    assert main([*args, "--cxx", static, "-o", str(tmp_path / "engines")]) == 2
+    assert "pass --cxx a g++ that links libstdc++ dynamically" in capsys.readouterr().err
+    assert not (tmp_path / "engines").exists()  # refused before anything compiled
 
 
 def test_fp8_graph_for_tensorrt_carries_bf16_scales_and_passes_the_check(tmp_path):

@@ -12,11 +12,21 @@ Two DiT paths:
          the trace records each launch (grid, arguments, TMA descriptors) and Inductor compiles the kernels into
          the package next to its own. Attention is tuned for the bucket first (FastDiT.load).
 The VAE chunk step, the T5 encoder and the V2A UNet export their eager modules.
+
+The C++ compiler is checked before anything compiles (`loadable_cxx`): a package's shared library must use the
+process's libstdc++.so. One that links libstdc++ statically (the H200 image's CXX=/opt/gcc/bin/g++ does) holds a
+second copy of the C++ locale tables; the model's constructor parses its device string with std::regex, which
+then looks a facet up in the wrong copy, and every package segfaults at load (torch 2.11, CPU and CUDA alike).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -67,6 +77,69 @@ class FastForward(nn.Module):
         return self.fast.forward(x, text_embed, time)
 
 
+# What an AOTI package's constructor does first (torch/csrc/inductor/aoti_runtime/model_base.h, parse_device_str).
+REGEX_PROBE = r"""#include <regex>
+extern "C" int k4serve_regex_probe() {
+  std::regex device("(cpu|cuda|xpu|mps)(:([0-9]+))?");
+  return std::regex_match("cuda:0", device) ? 1 : 0;
+}
+"""
+
+
+def runs_std_regex_beside_torch(cxx: str) -> str | None:
+    """None when a shared library built by `cxx` runs std::regex in a process that has loaded torch, else why not."""
+    with tempfile.TemporaryDirectory(prefix="k4serve-cxx-") as folder:
+        source, library = os.path.join(folder, "probe.cpp"), os.path.join(folder, "probe.so")
+        with open(source, "w") as f:
+            f.write(REGEX_PROBE)
+        built = subprocess.run([cxx, "-shared", "-fPIC", "-O1", source, "-o", library], capture_output=True,
+                               text=True, timeout=120)  # fmt: skip
+        if built.returncode:
+            return f"it cannot build a shared library: {built.stderr.strip()[-300:]}"
+        call = f"import torch, ctypes; print(ctypes.CDLL({library!r}).k4serve_regex_probe())"
+        ran = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=120)
+    if ran.returncode or ran.stdout.strip() != "1":
+        died = f"signal {-ran.returncode}" if ran.returncode < 0 else f"exit {ran.returncode}"
+        return (
+            f"its shared libraries crash at std::regex beside torch's libstdc++ ({died}): it links libstdc++ statically"
+        )
+    return None
+
+
+def loadable_cxx(cxx: str | None = None) -> str:
+    """The C++ compiler to build packages with: `cxx` if given, else Inductor's choice (CXX, then g++) or, when that
+    one's libraries would crash at load, the first g++ that works (named on stderr). ExportError when none does."""
+    from torch._inductor import config
+
+    if cxx:
+        candidates = [cxx]
+    else:
+        configured = [c for c in config.cpp.cxx if c] if isinstance(config.cpp.cxx, tuple | list) else [config.cpp.cxx]
+        candidates = list(dict.fromkeys([*configured, "g++", "/usr/bin/g++"]))
+    refused = []
+    for candidate in candidates:
+        path = shutil.which(candidate)
+        problem = runs_std_regex_beside_torch(path) if path else "not found"
+        if problem is None:
+            if refused:
+                print(f"k4serve export aoti: compiling with {path}; not {'; not '.join(refused)}", file=sys.stderr)
+            return path
+        refused.append(f"{candidate}: {problem}")
+    raise ExportError(
+        "no C++ compiler here builds AOTInductor packages that load (" + "; ".join(refused) + "): pass --cxx a g++ "
+        "that links libstdc++ dynamically (the distribution's /usr/bin/g++), or set CXX to one"
+    )
+
+
+@contextlib.contextmanager
+def inductor_cxx(cxx: str) -> Iterator[None]:
+    """Within the block, Inductor compiles packages with `cxx`."""
+    from torch._inductor import config
+
+    with config.patch({"cpp.cxx": (cxx,)}):
+        yield
+
+
 def _eager_fp8(contract: ExportContract, component) -> None:
     from k4serve.kernels.quantize import Fp8Linear
 
@@ -88,8 +161,11 @@ def export_aoti(
     attention: str = "triton",
     linear: str | None = None,
     extra: Sequence[str] = (),
+    cxx: str | None = None,
 ) -> EngineManifest:
-    """An AOTInductor package per graph of `contract` for `buckets` into `folder`, with the manifest."""
+    """An AOTInductor package per graph of `contract` for `buckets` into `folder`, with the manifest; `cxx`: the C++
+    compiler (checked; default: see loadable_cxx)."""
+    cxx = loadable_cxx(cxx)  # seconds, before minutes of compiling
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     carrier = compute_dtype(dtype)
@@ -119,7 +195,8 @@ def export_aoti(
             else:
                 program = torch.export.export(contract.module(component, graph).eval(), inputs, strict=False)
             path = folder / f"{graph.name}.pt2"
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+            with inductor_cxx(cxx):
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path))
         entries.append(GraphEntry(graph, path.name))
         seconds[graph.name] = round(time.perf_counter() - started, 1)
     manifest = EngineManifest(
@@ -131,7 +208,7 @@ def export_aoti(
         buckets=list(buckets),
         graphs=entries,
         command=command,
-        tools={"torch": torch.__version__, "device": str(device)},
+        tools={"torch": torch.__version__, "device": str(device), "cxx": cxx},
         options={
             "engine": engine,
             "attention": attention if fast else "sdpa",

@@ -70,6 +70,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--engine", choices=("eager", "fast"), default="eager", help=engine_help)
             sub.add_argument("--attention", choices=ATTENTION, default="triton", help="--engine fast: attention")
             sub.add_argument("--linear", choices=LINEAR, default=None, help="--engine fast: linears (default: dtype)")
+            cxx_help = "C++ compiler for the packages (default: CXX, then g++; checked to link libstdc++ dynamically)"
+            sub.add_argument("--cxx", default=None, help=cxx_help)
 
 
 def pipeline_presets(model: str) -> dict[str, dict[str, str]]:
@@ -167,7 +169,7 @@ def run_export(args: argparse.Namespace) -> int:
 
         manifest = export_aoti(contract, component, buckets, args.dtype, engine_path(args.output, args.model, "aoti"),
                                command=command("aoti"), engine=args.engine, attention=args.attention,
-                               linear=args.linear, extra=extra, **common)  # fmt: skip
+                               linear=args.linear, extra=extra, cxx=args.cxx, **common)  # fmt: skip
     folder = engine_path(args.output, args.model, manifest.format)
     graphs = ", ".join(g.spec.name for g in manifest.graphs)
     flag = "--v2a-engine" if contract.component == "unet" else "--engine"
