@@ -9,8 +9,8 @@ Two DiT paths:
          k4serve.kernels.quantize.Fp8Linear, i.e. torch._scaled_mm GEMMs Inductor keeps as they are);
   fast   FastDiT's forward (k4serve.engines.torch) with our Triton kernels as user-defined kernels: while it is
          traced, every Triton kernel the kernel modules launch is wrapped with `torch.library.wrap_triton`, so
-         the trace records each launch (grid, arguments, TMA descriptors) and Inductor compiles the kernels into
-         the package next to its own. Attention is tuned for the bucket first (FastDiT.load).
+         the trace records each launch (grid, arguments, and TMA descriptors as their tensors plus metadata, which
+         torch's own non-Dynamo tracing drops) and Inductor compiles the kernels into the package next to its own. Attention is tuned for the bucket first (FastDiT.load).
 The VAE chunk step, the T5 encoder and the V2A UNet export their eager modules.
 
 The C++ compiler is checked before anything compiles (`loadable_cxx`): a package's shared library must use the
@@ -43,12 +43,38 @@ from k4serve.export.errors import ExportError
 KERNEL_MODULES = ("attention", "norm_modulate", "qk_norm_rope", "gelu_quant")
 
 
+def _launch_with_tma_metadata(hopifier, variable, grids, combined_args, tx) -> None:
+    """TracingTritonHOPifier.call_HOP that also takes TMA descriptor arguments.
+
+    torch's non-Dynamo tracing records a launch with no TMA metadata (its call_HOP: "not yet supported"), so a
+    TensorDescriptor argument lands among the constants and Inductor's codegen fails on it. This records each
+    descriptor as Dynamo does: its tensor (a view with the descriptor's shape and strides) as the argument, and
+    ("stable", (block_shape,)) as its metadata, from which the launch rebuilds TensorDescriptor.from_tensor.
+    """
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    arguments, tma = {}, {}
+    for name, value in combined_args.items():
+        if isinstance(value, TensorDescriptor):
+            arguments[name] = value.base.as_strided(list(value.shape), list(value.strides))
+            tma[name] = ("stable", (list(value.block_shape),))
+        else:
+            arguments[name] = value
+    graphable, constant_args_idx = hopifier.store_non_graphable_args(arguments)
+    return triton_kernel_wrapper_mutation(kernel_idx=variable.kernel_idx, constant_args_idx=constant_args_idx,
+                                          grid=grids, tma_descriptor_metadata=tma, kwargs=graphable)  # fmt: skip
+
+
 @contextlib.contextmanager
 def traceable_triton_kernels() -> Iterator[None]:
-    """Within the block, the kernel modules launch their Triton kernels through `wrap_triton` (traceable)."""
+    """Within the block, the kernel modules launch their Triton kernels through `wrap_triton` (traceable), TMA
+    descriptor arguments included."""
+    import functools
     import importlib
 
     import triton
+    from torch._higher_order_ops.triton_kernel_wrap import tracing_triton_hopifier_singleton as hopifier
     from torch.library import wrap_triton
 
     patched = []
@@ -60,8 +86,10 @@ def traceable_triton_kernels() -> Iterator[None]:
     try:
         for module, attr, kernel in patched:
             setattr(module, attr, wrap_triton(kernel))
+        hopifier.call_HOP = functools.partial(_launch_with_tma_metadata, hopifier)
         yield
     finally:
+        del hopifier.call_HOP  # the class's method again
         for module, attr, kernel in patched:
             setattr(module, attr, kernel)
 
