@@ -10,7 +10,8 @@ Two DiT paths:
   fast   FastDiT's forward (k4serve.engines.torch) with our Triton kernels as user-defined kernels: while it is
          traced, every Triton kernel the kernel modules launch is wrapped with `torch.library.wrap_triton`, so
          the trace records each launch (grid, arguments, and TMA descriptors as their tensors plus metadata, which
-         torch's own non-Dynamo tracing drops) and Inductor compiles the kernels into the package next to its own. Attention is tuned for the bucket first (FastDiT.load).
+         torch's own non-Dynamo tracing drops) and Inductor compiles the kernels into the package next to its own.
+         Attention is tuned for the bucket first (FastDiT.load).
 The VAE chunk step, the T5 encoder and the V2A UNet export their eager modules.
 
 The C++ compiler is checked before anything compiles (`loadable_cxx`): a package's shared library must use the
