@@ -1,6 +1,10 @@
-"""The entry points and stages against two faults of Triton 2.51's Python stub (python_backend r24.10).
+"""The entry points and stages against three faults of Triton 2.51's Python stub (python_backend r24.10).
 
-Both free numpy arrays without the GIL. Under Python 3.12 that ends the stub process (`segfault at 10 ...
+A metric's observe() and increment() release the GIL and then rebuild the metric's shared-memory message with no
+lock: two threads on one metric make tritonserver abort (backend.SerialMetric). The probe is `text_encoder`, whose
+every request also observes one series from four threads at once.
+
+The other two free numpy arrays without the GIL. Under Python 3.12 that ends the stub process (`segfault at 10 ...
 libpython3.12`: seen on the H200, and here when these probes run under 3.12); under 3.11 the free runs silently.
 - A finished streaming stage call (decoupled BLS) is held by its Python iterator and by the stub's map of calls,
   whose hold the stub's stub-to-parent thread (C++, no GIL) drops; if Python let go first, that thread frees the
@@ -26,7 +30,7 @@ import pytest
 pytest.importorskip("pytriton", reason="tritonserver comes with the serve extra: pip install 'k4serve[serve]'")
 pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
-from serving_helpers import PROMPT, SIZE, grpc_inputs, wait_for  # noqa: E402
+from serving_helpers import PROMPT, SIZE, grpc_inputs, metric, metrics, wait_for  # noqa: E402
 
 from k4serve.client.client import T2VClient, Video, VideoRequest, text_tensor  # noqa: E402
 from k4serve.serving.launcher import REPO_MODEL_REPOSITORY, ServerOptions, TritonServer  # noqa: E402
@@ -106,6 +110,29 @@ class TritonPythonModel(DiTSamplerModel):
 """
 
 
+METRICS_PROBE = """
+import threading
+
+from k4serve.serving.stages import TextEncoderModel
+
+THREADS, OBSERVATIONS = 4, 300
+
+
+class TritonPythonModel(TextEncoderModel):
+    def run(self, request, progress):
+        threads = [threading.Thread(target=self._observe) for _ in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return super().run(request, progress)
+
+    def _observe(self):
+        for _ in range(OBSERVATIONS):
+            self.metrics.observe("metrics_probe", 0.5)
+"""
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeRequest(VideoRequest):
     stream_model: ClassVar[str] = "t2v_probe"
@@ -119,6 +146,7 @@ def probe_server(tmp_path_factory):
     shutil.copytree(repository / "t2v_stream", repository / "t2v_probe")
     for model, probe in (("t2v_probe", ENTRY_POINT_PROBE), ("dit_sampler", STAGE_PROBE)):
         (repository / model / "1" / "model.py").write_text(FREED + probe)
+    (repository / "text_encoder" / "1" / "model.py").write_text(METRICS_PROBE)
     env = {"K4SERVE_PRESET": "tiny", "K4SERVE_WEIGHTS": "", "K4SERVE_ENGINE": "eager", "K4SERVE_DEVICE": ""}
     options = ServerOptions(model_repository=repository, env=env, log=root / "server.log", models=["t2v_probe"])
     with TritonServer(options) as server:
@@ -175,3 +203,17 @@ def test_outputs_a_stage_caller_did_not_ask_for_are_freed_holding_the_gil(probe_
         client.stop_stream()
     counts = wait_all_freed(probe_server, "dit_sampler")
     assert counts["seen"] >= 2 * 2 and counts["no_gil"] == 0, counts
+
+
+def test_metrics_observed_from_many_threads_at_once_all_count_and_the_server_lives(probe_server):
+    """Four threads observe one series 300 times each per text_encoder request; without SerialMetric's lock the
+    first such request made tritonserver abort (std::bad_alloc, boost lock_exception)."""
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{probe_server.options.grpc_port}")
+    for _ in range(3):
+        embeddings = client.infer("text_encoder", grpc_inputs({"PROMPT": text_tensor(PROMPT)})).as_numpy("EMBEDDINGS")
+        assert embeddings is not None and np.isfinite(embeddings).all()
+    samples = metrics(probe_server)
+    count = "k4serve_stage_duration_seconds_count"
+    served = metric(samples, count, model="text_encoder", stage="text_encoder")
+    assert served >= 3  # this test's requests, and those of the tests before it
+    assert metric(samples, count, model="text_encoder", stage="metrics_probe") == served * 4 * 300

@@ -9,6 +9,7 @@ numpy object arrays.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -161,6 +162,34 @@ def weights_bytes(modules) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# Triton 2.51's stub (python_backend r24.10) releases the GIL in a metric's observe() and increment(), then
+# rebuilds that metric's shared-memory message with no lock of its own: two threads on one metric free each
+# other's message, and tritonserver, reading it, aborts (boost lock_exception, std::bad_alloc; every k4serve test
+# server died so, at random, once two requests finished a stage together). Every metric call of a stub process
+# goes through this one lock (SerialMetric).
+METRIC_LOCK = threading.Lock()
+
+
+class SerialMetric:
+    """A custom Prometheus series (a pb_utils Metric of `family`) whose calls hold METRIC_LOCK."""
+
+    def __init__(self, family, labels: dict[str, str], buckets: list[float] | None = None):
+        with METRIC_LOCK:
+            self._metric = family.Metric(labels=labels, **({} if buckets is None else {"buckets": buckets}))
+
+    def set(self, value: float) -> None:
+        with METRIC_LOCK:
+            self._metric.set(value)
+
+    def increment(self, value: float) -> None:
+        with METRIC_LOCK:
+            self._metric.increment(value)
+
+    def observe(self, value: float) -> None:
+        with METRIC_LOCK:
+            self._metric.observe(value)
+
+
 class ModelMetrics:
     """Prometheus series of one model instance, served on Triton's metrics endpoint beside nv_inference_*.
 
@@ -192,18 +221,21 @@ class ModelMetrics:
             kind=family.GAUGE,
         )
         labels = {"model": model, "instance": instance, "device": device}
-        self.info = self.placement.Metric(labels=labels)
+        self.info = SerialMetric(self.placement, labels)
         self.info.set(1)
-        self._weights = self.weights.Metric(labels={"model": model, "instance": instance})
-        self._stages: dict[str, object] = {}
-        self._cancelled = self.cancelled.Metric(labels={"model": model})
+        self._weights = SerialMetric(self.weights, {"model": model, "instance": instance})
+        self._stages: dict[str, SerialMetric] = {}
+        self._stages_lock = threading.Lock()  # request threads of an entry point observe at once
+        self._cancelled = SerialMetric(self.cancelled, {"model": model})
 
     def observe(self, stage: str, seconds: float) -> None:
         """Record one request's time in `stage`."""
-        if stage not in self._stages:
-            labels = {"model": self.model, "stage": stage}
-            self._stages[stage] = self.durations.Metric(labels=labels, buckets=DURATION_BUCKETS)
-        self._stages[stage].observe(seconds)
+        with self._stages_lock:
+            if stage not in self._stages:
+                labels = {"model": self.model, "stage": stage}
+                self._stages[stage] = SerialMetric(self.durations, labels, DURATION_BUCKETS)
+            series = self._stages[stage]
+        series.observe(seconds)
 
     def count_cancelled(self) -> None:
         """Record one request stopped before it finished."""

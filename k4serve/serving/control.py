@@ -25,11 +25,10 @@ from typing import NamedTuple
 CONTROL_DIR_ENV = "K4SERVE_CONTROL_DIR"
 MAX_QUEUE_ENV = "K4SERVE_MAX_QUEUE"
 MAX_STAGE_CALLS_ENV = "K4SERVE_MAX_STAGE_CALLS"
-# Stage calls one entry point's process has in flight at once. Triton's Python backend (2.51 here; server issue
-# #8882 on 2.55) can abort tritonserver (boost::interprocess::lock_exception) under concurrent BLS calls: seen on
-# the H200 with 4 requests in flight through t2v_stream, not with 2 (the stub deaths seen later at 1 had another
-# cause, now avoided: Orchestrator._after_cleanup). Two keep the DiT of one request running beside the VAE and
-# muxer of the one before (the overlap that throughput needs); the others wait in the entry point.
+# Stage calls one entry point's process has in flight at once. Two keep the DiT of one request running beside the
+# VAE and muxer of the one before (the overlap that throughput needs); the others wait in the entry point. (The
+# bound was first set against tritonserver aborts under 4 requests on the H200, whose cause turned out to be the
+# stub's unlocked metric calls: backend.SerialMetric.)
 DEFAULT_MAX_STAGE_CALLS = 2
 DRAINING_FILE = "draining"
 CANCEL_PARAMETER = "k4serve_cancel_token"

@@ -27,6 +27,7 @@ import triton_python_backend_utils as pb_utils
 from k4serve.serving.backend import (
     Cancelled,
     Refused,
+    SerialMetric,
     StageFailure,
     TritonModel,
     error_response,
@@ -147,9 +148,9 @@ class Orchestrator(TritonModel):
             description="Requests an entry point refused with UNAVAILABLE (reason: bound or draining)",
             kind=family.COUNTER,
         )
-        self.in_flight = self.in_flight_family.Metric(labels={"model": self.name})
+        self.in_flight = SerialMetric(self.in_flight_family, {"model": self.name})
         self.rejected = {
-            reason: self.rejected_family.Metric(labels={"model": self.name, "reason": reason})
+            reason: SerialMetric(self.rejected_family, {"model": self.name, "reason": reason})
             for reason in ("bound", "draining")
         }
         bound = max_queue(config_parameters(self.model_config))
@@ -288,7 +289,8 @@ class Orchestrator(TritonModel):
         request is found cancelled the stub answers from its cache, so another request in flight is asked; with
         none, the call goes unguarded. (Holding such calls for the watcher to let go of later, past their request's
         end, made tritonserver abort at client deadlines in every run of tests/test_serving_load.py: lock_exception,
-        length_error, as from corrupted shared memory.)
+        length_error, as from corrupted shared memory; the requests cancelled together there also counted their
+        cancellation at once, the unlocked metric race that backend.SerialMetric closes.)
         """
         if flight.ask():
             return
