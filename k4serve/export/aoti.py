@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,10 @@ def _launch_with_tma_metadata(hopifier, variable, grids, combined_args, tx) -> N
     arguments, tma = {}, {}
     for name, value in combined_args.items():
         if isinstance(value, TensorDescriptor):
-            arguments[name] = value.base.as_strided(list(value.shape), list(value.strides))
+            # the offset spelt out: Inductor lowers an as_strided without one from the start of the storage, so q, k
+            # and v (column slices of one QKV buffer) all read q's columns
+            view = value.base.as_strided(list(value.shape), list(value.strides), value.base.storage_offset())
+            arguments[name] = view
             tma[name] = ("stable", (list(value.block_shape),))
         else:
             arguments[name] = value
@@ -81,18 +85,58 @@ def traceable_triton_kernels() -> Iterator[None]:
     patched = []
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"k4serve.kernels.{name}")
-        for attr, value in vars(module).items():
-            if isinstance(value, triton.runtime.JITFunction | triton.runtime.Autotuner):
-                patched.append((module, attr, value))
+        kernels = {
+            a: v
+            for a, v in vars(module).items()
+            if isinstance(v, triton.runtime.JITFunction | triton.runtime.Autotuner)
+        }
+        sources = {a: (v.fn if isinstance(v, triton.runtime.Autotuner) else v).src for a, v in kernels.items()}
+        for attr, kernel in kernels.items():
+            # a helper that other kernels call stays as it is: Triton compiles it into them by its global name
+            if not any(re.search(rf"\b{attr}\s*\(", src) for other, src in sources.items() if other != attr):
+                patched.append((module, attr, kernel))
+    hopifier.call_HOP = functools.partial(_launch_with_tma_metadata, hopifier)
     try:
         for module, attr, kernel in patched:
             setattr(module, attr, wrap_triton(kernel))
-        hopifier.call_HOP = functools.partial(_launch_with_tma_metadata, hopifier)
         yield
     finally:
         del hopifier.call_HOP  # the class's method again
         for module, attr, kernel in patched:
             setattr(module, attr, kernel)
+
+
+@contextlib.contextmanager
+def autotunable_tma_views() -> Iterator[None]:
+    """Within the block, Inductor's compile-time tuning code can build a TMA descriptor over a strided view.
+
+    AOTInductor compiles each Triton kernel by running it once from generated Python; torch 2.11 writes a
+    descriptor whose tensor is a view (our q, k and v: column slices of the QKV buffer) with the C++ wrapper's
+    reference (`reinterpret_tensor_wrapper(buf, ..., 0L)`), which is no Python. There the descriptor is built over a
+    fresh tensor of the view's sizes and strides instead: the run only compiles the kernel, its values do not matter.
+    The package's C++ code, which keeps the view, is unchanged.
+    """
+    from torch._inductor import ir
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+    from torch._inductor.virtualized import V
+
+    original = PythonWrapperCodegen._generate_tma_descriptor_call_stable
+
+    def tuning_descriptor(self, desc, apply_size_hints=False):
+        if not (apply_size_hints and V.graph.cpp_wrapper and isinstance(desc.tensor, ir.ReinterpretView)):
+            return original(self, desc, apply_size_hints)
+        hints = V.graph.sizevars.optimization_hints
+        size, stride = tuple(hints(desc.tensor.get_size())), tuple(hints(desc.tensor.get_stride()))
+        example = (f"torch._dynamo.testing.rand_strided({size}, {stride}, device='{desc.tensor.get_device()}', "
+                   f"dtype={desc.tensor.get_dtype()})")  # fmt: skip
+        block = list(hints(desc.block_shape))
+        return f"triton.tools.tensor_descriptor.TensorDescriptor.from_tensor({example}, {block})"
+
+    PythonWrapperCodegen._generate_tma_descriptor_call_stable = tuning_descriptor
+    try:
+        yield
+    finally:
+        PythonWrapperCodegen._generate_tma_descriptor_call_stable = original
 
 
 class FastForward(nn.Module):
@@ -224,7 +268,7 @@ def export_aoti(
             else:
                 program = torch.export.export(contract.module(component, graph).eval(), inputs, strict=False)
             path = folder / f"{graph.name}.pt2"
-            with inductor_cxx(cxx):
+            with inductor_cxx(cxx), autotunable_tma_views() if fast is not None else contextlib.nullcontext():
                 torch._inductor.aoti_compile_and_package(program, package_path=str(path))
         entries.append(GraphEntry(graph, path.name))
         seconds[graph.name] = round(time.perf_counter() - started, 1)
