@@ -276,3 +276,40 @@ def test_aoti_package_of_the_fast_dit_runs_our_triton_kernels_equal_to_fast(tmp_
         reference = fast.forward(x, text, time)
         out = engine(x, text, time)
     assert rel(out.float(), reference.float()) <= 1e-2  # q, k, v reading one another's columns gave 0.55
+
+
+KERNEL_MODULE = """
+import triton.language as tl
+
+
+def _scale(x, factor):
+    return x * factor
+
+
+def _kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, _scale(tl.load(x_ptr + offsets), 2.0), mask=offsets < n)
+
+
+def _scale_kernel(x_ptr, n, BLOCK: tl.constexpr):  # its name starts as the helper's does
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets), mask=offsets < n)
+"""
+
+
+def test_aoti_tracing_wraps_the_launched_kernels_not_the_helpers_they_call(tmp_path):
+    """Wrapping a helper for tracing broke every kernel that calls it (Triton resolves it by its global name)."""
+    import importlib.util
+
+    import triton
+
+    from k4serve.export.aoti import launched_kernels
+
+    (tmp_path / "kernel_module.py").write_text(KERNEL_MODULE)
+    spec = importlib.util.spec_from_file_location("kernel_module", tmp_path / "kernel_module.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("_scale", "_kernel", "_scale_kernel"):  # compiled kernels (the CPU tests otherwise interpret)
+        setattr(module, name, triton.runtime.JITFunction(getattr(module, name)))
+    module._scale_kernel = triton.autotune(configs=[triton.Config({})], key=["n"])(module._scale_kernel)
+    assert [name for name, _ in launched_kernels(module)] == ["_kernel", "_scale_kernel"]

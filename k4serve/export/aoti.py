@@ -71,6 +71,24 @@ def _launch_with_tma_metadata(hopifier, variable, grids, combined_args, tx) -> N
                                           grid=grids, tma_descriptor_metadata=tma, kwargs=graphable)  # fmt: skip
 
 
+def launched_kernels(module) -> list[tuple[str, object]]:
+    """(name, kernel) of the Triton kernels among `module`'s globals that no other kernel there calls: those that
+    are launched. A helper another kernel calls stays as it is (Triton compiles it into them by its global name)."""
+    import triton
+
+    kernels = {
+        attr: value
+        for attr, value in vars(module).items()
+        if isinstance(value, triton.runtime.JITFunction | triton.runtime.Autotuner)
+    }
+    sources = {attr: (k.fn if isinstance(k, triton.runtime.Autotuner) else k).src for attr, k in kernels.items()}
+    return [
+        (attr, kernel)
+        for attr, kernel in kernels.items()
+        if not any(re.search(rf"\b{attr}\s*\(", src) for other, src in sources.items() if other != attr)
+    ]
+
+
 @contextlib.contextmanager
 def traceable_triton_kernels() -> Iterator[None]:
     """Within the block, the kernel modules launch their Triton kernels through `wrap_triton` (traceable), TMA
@@ -78,23 +96,13 @@ def traceable_triton_kernels() -> Iterator[None]:
     import functools
     import importlib
 
-    import triton
     from torch._higher_order_ops.triton_kernel_wrap import tracing_triton_hopifier_singleton as hopifier
     from torch.library import wrap_triton
 
     patched = []
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"k4serve.kernels.{name}")
-        kernels = {
-            a: v
-            for a, v in vars(module).items()
-            if isinstance(v, triton.runtime.JITFunction | triton.runtime.Autotuner)
-        }
-        sources = {a: (v.fn if isinstance(v, triton.runtime.Autotuner) else v).src for a, v in kernels.items()}
-        for attr, kernel in kernels.items():
-            # a helper that other kernels call stays as it is: Triton compiles it into them by its global name
-            if not any(re.search(rf"\b{attr}\s*\(", src) for other, src in sources.items() if other != attr):
-                patched.append((module, attr, kernel))
+        patched += [(module, attr, kernel) for attr, kernel in launched_kernels(module)]
     hopifier.call_HOP = functools.partial(_launch_with_tma_metadata, hopifier)
     try:
         for module, attr, kernel in patched:
