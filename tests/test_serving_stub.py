@@ -206,8 +206,8 @@ def test_outputs_a_stage_caller_did_not_ask_for_are_freed_holding_the_gil(probe_
 
 
 def test_metrics_observed_from_many_threads_at_once_all_count_and_the_server_lives(probe_server):
-    """Four threads observe one series 300 times each per text_encoder request; without SerialMetric's lock the
-    first such request made tritonserver abort (std::bad_alloc, boost lock_exception)."""
+    """Four threads observe one series 300 times each per text_encoder request; without SerialMetric's lock this
+    test failed (tritonserver died; a standalone model observing so aborted it with std::bad_alloc, lock_exception)."""
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{probe_server.options.grpc_port}")
     for _ in range(3):
         embeddings = client.infer("text_encoder", grpc_inputs({"PROMPT": text_tensor(PROMPT)})).as_numpy("EMBEDDINGS")

@@ -164,9 +164,9 @@ def weights_bytes(modules) -> int:
 
 # Triton 2.51's stub (python_backend r24.10) releases the GIL in a metric's observe() and increment(), then
 # rebuilds that metric's shared-memory message with no lock of its own: two threads on one metric free each
-# other's message, and tritonserver, reading it, aborts (boost lock_exception, std::bad_alloc; every k4serve test
-# server died so, at random, once two requests finished a stage together). Every metric call of a stub process
-# goes through this one lock (SerialMetric).
+# other's message, and tritonserver, reading it, aborts (boost lock_exception, std::bad_alloc: reproduced on the CPU
+# with four threads on one histogram; the random test-server deaths under concurrent requests showed the same
+# errors). Every metric call of a stub process goes through this one lock (SerialMetric).
 METRIC_LOCK = threading.Lock()
 
 
