@@ -1,6 +1,6 @@
 """Attention at the DiT's exact shape on one GPU: every backend's speed and error in one run.
 
-    python benchmarks/attention.py [--size 384x672 --seconds 12] [--results]
+    python benchmarks/attention.py [--size 384x672 --seconds 12] [--backends sdpa,triton,triton-fp8] [--results]
 
 One call at [1, S, 48, 64] (12 s at 384x672: S = 25,424, 7.94 TFLOP) per backend:
   kernel ms    the attention kernel alone on packed operands (median of `triton.testing.do_bench`)
@@ -140,14 +140,20 @@ def measure(row: Row, calls_for: Callable[[tuple[Tensor, ...]], tuple[Callable, 
     return row
 
 
-def attention_rows(config: DiTConfig, grid: tuple[int, int, int]) -> list[Row]:
-    """Every backend and Triton tiling at this token grid (+ 224 text tokens); see the module docstring."""
+BACKENDS = ("sdpa", *TRITON_RECIPES, "cuda-int8", *library.LIBRARIES)
+
+
+def attention_rows(config: DiTConfig, grid: tuple[int, int, int], backends: tuple[str, ...] = BACKENDS) -> list[Row]:
+    """Every backend (of `backends`; sdpa includes its flash and cuDNN rows) and Triton tiling at this token grid
+    (+ 224 text tokens); see the module docstring."""
     inputs = qkv_inputs(config, grid, seed=0)
     refs = {kind: reference_heads(*qkv) for kind, qkv in inputs.items()}
     seq = math.prod(grid) + TEXT_LEN
     rows = [measure(Row(name, "sdpa" if name == "sdpa" else None), lambda qkv, n=name: backend_calls(n, *qkv), inputs,
-                    refs) for name in (*SDPA_BACKENDS, "sdpa")]  # fmt: skip
+                    refs) for name in (*SDPA_BACKENDS, "sdpa") if "sdpa" in backends]  # fmt: skip
     for option, recipe in TRITON_RECIPES.items():
+        if option not in backends:
+            continue
         timings = attn.tune_attention(1, seq, config.num_heads, config.head_dim, recipe)
         ranked = sorted(timings, key=timings.get)
         for i, c in enumerate(ranked):
@@ -162,14 +168,14 @@ def attention_rows(config: DiTConfig, grid: tuple[int, int, int]) -> list[Row]:
             row = Row(f"{option} {best.block_m}x{best.block_n}, smoothed K (torch packing)", None)
             rows.append(measure(row, lambda qkv, c=best: triton_calls("fp8", c, *qkv, smooth_k=True), inputs, refs))
     reason = attention_sm90.unavailable_reason(DEVICE)
-    for variant in attention_sm90.VARIANTS:
+    for variant in attention_sm90.VARIANTS if "cuda-int8" in backends else ():
         option = "cuda-int8" if variant == attention_sm90.DEFAULT_VARIANT else None
         if reason is not None:
             rows.append(Row(f"cuda-int8 {variant}", None, note=f"skipped: {reason}"))
             continue
         rows.append(measure(Row(f"cuda-int8 {variant}", option), lambda qkv, v=variant: cuda_calls(v, *qkv), inputs,
                             refs))  # fmt: skip
-    for name in library.LIBRARIES:
+    for name in (name for name in library.LIBRARIES if name in backends):
         reason = library.unavailable_reason(name, DEVICE)
         if reason is not None:
             rows.append(Row(name, None, note=f"skipped: {reason}"))
@@ -207,12 +213,16 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH")
     parser.add_argument("--seconds", type=int, default=12)
     parser.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--backends", type=lambda text: tuple(text.split(",")), default=BACKENDS,
+                        help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)")  # fmt: skip
     args = parser.parse_args()
+    if unknown := set(args.backends) - set(BACKENDS):
+        parser.error(f"unknown --backends {','.join(sorted(unknown))}: choose from {','.join(BACKENDS)}")
     config = PRESETS["flash-512"]
     grid = token_grid(config, *args.size, args.seconds)
     seq = math.prod(grid) + TEXT_LEN
     flops = attn.attention_flops(1, seq, config.num_heads, config.head_dim)
-    table = "\n".join(format_rows(attention_rows(config, grid), flops))
+    table = "\n".join(format_rows(attention_rows(config, grid, args.backends), flops))
     print(table)
     if args.results:
         from results import append_table

@@ -12,6 +12,8 @@
     # T5-XXL encoder (AOTI, for a server without JIT), then time to first response: `k4serve serve` started twice
     python benchmarks/engines.py --variants t5-eager t5-aoti --engine-dir /tmp/k4-engines
     python benchmarks/engines.py --first-response --engine-dir /tmp/k4-engines
+    # or compile several packages side by side first (their export times are then measured under contention)
+    for v in dit-aoti-fast-fp8 vae-aoti t5-aoti; do python benchmarks/engines.py --export-only --variants $v & done
 
 Each AOTI variant exports into `<engine-dir>/<variant>/` once and reuses that package on later runs (its export time
 then comes from the manifest), so no single call has to compile more than one model: keep each call under the
@@ -128,10 +130,8 @@ def inputs_of(component: str) -> tuple:
     return x, text, torch.full((1,), 999, dtype=torch.int64, device="cuda")
 
 
-def aoti_engine(variant: str, component: str, options: dict, engine_dir: Path) -> tuple[object, float, float]:
-    """(engine, export seconds, load seconds): the variant's package, exported unless already there."""
-    from k4serve.engines.aoti import AOTIEngine
-
+def exported(variant: str, component: str, options: dict, engine_dir: Path) -> tuple[Path, float]:
+    """(folder, export seconds) of the variant's package, exported unless already there."""
     model_name = {c.component: c.model for c in CONTRACTS.values()}[component]
     folder = engine_path(engine_dir / variant, model_name, "aoti")
     if not (folder / MANIFEST).is_file():
@@ -145,7 +145,14 @@ def aoti_engine(variant: str, component: str, options: dict, engine_dir: Path) -
                     linear=options.get("linear"))  # fmt: skip
         del model
         torch.cuda.empty_cache()
-    export_s = sum(EngineManifest.read(folder).options["export_seconds"].values())
+    return folder, sum(EngineManifest.read(folder).options["export_seconds"].values())
+
+
+def aoti_engine(variant: str, component: str, options: dict, engine_dir: Path) -> tuple[object, float, float]:
+    """(engine, export seconds, load seconds): the variant's package, exported unless already there."""
+    from k4serve.engines.aoti import AOTIEngine
+
+    folder, export_s = exported(variant, component, options, engine_dir)
     engine, load_s = synced(lambda: _loaded(AOTIEngine(folder, "cuda")))
     return engine, export_s, load_s
 
@@ -305,7 +312,14 @@ def main() -> None:
     parser.add_argument("--engine-dir", type=Path, default=Path("/tmp/k4-engines"))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--export-only", action="store_true", help="export the AOTI variants' packages, time nothing")
     args = parser.parse_args()
+    if args.export_only:
+        for variant in args.variants:
+            component, kind, options = VARIANTS[variant]
+            if kind == "aoti":
+                print(f"{variant}: exported in {exported(variant, component, options, args.engine_dir)[1]:.1f} s")
+        return
     tables = []
     if args.variants:
         rows = measure(args.variants, args.engine_dir, args.repeat)

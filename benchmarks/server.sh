@@ -5,7 +5,8 @@
 #   bash benchmarks/server.sh
 # Env: PRESET (flash-512), V2A_ARGS ("--v2a-preset kandinsky4-v2a --v2a-engine fast"), MODELS (default: every
 # model), ENGINE (fast), REQUESTS per level (4), CLIP_SECONDS (12), LOAD (1: benchmarks/load.py, t2v and t2v_stream at
-# 0 s clips, concurrency 1,4,16,64, through the same server), AUDIO (1: the t2va / v2a requests), OUT (outputs/server).
+# 0 s clips, concurrency 1,4,16,64, through the same server), AUDIO (1: the t2va / v2a requests), OUT (outputs/server),
+# K4SERVE_MAX_STAGE_CALLS (stage calls in flight per entry point; recorded in the table's header).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/server}; mkdir -p "$OUT"
@@ -40,7 +41,7 @@ gpu_memory() {
 loaded=$(gpu_memory)
 echo "GPU memory with every model loaded: $loaded"
 $PY -m k4serve.cli bench --url $URL --model t2v_stream --concurrency 1,2,4 --requests "$REQUESTS" \
-  --seconds "$CLIP_SECONDS" --timeout 300 --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"
+  --seconds "$CLIP_SECONDS" --timeout 300 --metrics-url http://127.0.0.1:8102/metrics --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"
 if [ "$LOAD" = 1 ]; then  # appends its own tables to RESULTS.md
   for model in t2v t2v_stream; do
     $PY benchmarks/load.py --url $URL --model $model --seconds 0 --size 384x672 --concurrency 1,4,16,64 \
@@ -65,7 +66,7 @@ after=$(gpu_memory)
 {
   echo
   echo "## Serving through tritonserver, $PRESET engine ${ENGINE:-fast}, t2v_stream at ${CLIP_SECONDS} s 384x672"
-  echo "$(date -u +%F) · ${loaded%%,*} · \`bash benchmarks/server.sh\` (PRESET=$PRESET, V2A_ARGS=\"$V2A_ARGS\", MODELS=${MODELS:-every model}, REQUESTS=$REQUESTS)"
+  echo "$(date -u +%F) · ${loaded%%,*} · \`bash benchmarks/server.sh\` (PRESET=$PRESET, V2A_ARGS=\"$V2A_ARGS\", MODELS=${MODELS:-every model}, REQUESTS=$REQUESTS, K4SERVE_MAX_STAGE_CALLS=${K4SERVE_MAX_STAGE_CALLS:-default})"
   echo
   echo "GPU memory used with every model loaded: ${loaded#*, }; after the requests: ${after#*, }"
   echo

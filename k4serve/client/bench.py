@@ -5,10 +5,14 @@
 For each concurrency c, c clients keep one request each in flight until `--requests` have been sent (after
 `--warmup` requests that compile kernels and capture graphs on a fresh server). Per level: videos per minute
 (finished videos over the level's wall time), latency percentiles (request sent -> mp4 received), for
-`t2v_stream` the time to the first progress event, and failures by gRPC status code. Everything, each request
-included, goes to a JSON file; latency and throughput against concurrency to a PNG when matplotlib is installed
-(`pip install 'k4serve[bench]'`). The requests go through `k4serve.client.client.AsyncT2VClient`; defining the
-arguments imports no optional package.
+`t2v_stream` the time to the first progress event, and failures by gRPC status code. With `--metrics-url` (the
+server's Prometheus endpoint, e.g. http://HOST:8002/metrics) it also reads k4serve's stage-duration histograms
+around each level: the seconds per video spent in the `--busy-stages` (the GPU stages), and each level's
+throughput as a fraction of the bound those seconds set at the first level (60 / busy s per video, with one
+request in flight the stages do not share the GPU): how much of the GPU the deployment keeps busy as requests
+overlap. Everything, each request included, goes to a JSON file; latency and throughput against concurrency to a
+PNG when matplotlib is installed (`pip install 'k4serve[bench]'`). The requests go through
+`k4serve.client.client.AsyncT2VClient`; defining the arguments imports no optional package.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import json
 import sys
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +33,8 @@ from k4serve.cli_options import add_timeout_argument, parse_size
 from k4serve.client import DEFAULT_URL
 
 MODELS = ("t2v", "t2v_stream")
+BUSY_STAGES = ("text_encoder", "dit_sampler", "vae_decoder")  # the GPU stages of t2v (the muxer encodes on the CPU)
+STAGE_HISTOGRAM = "k4serve_stage_duration_seconds"
 PERCENTILES = (50, 95, 99)
 PROMPT = "a red fox running through fresh snow in a pine forest at sunrise"
 
@@ -59,6 +66,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_timeout_argument(parser, "each request (counted as an error)")
     parser.add_argument("--json", type=Path, default=Path("k4serve-bench.json"), help="where to write the results")
     parser.add_argument("--plot", type=Path, default=Path("k4serve-bench.png"), help="where to draw them")
+    parser.add_argument("--metrics-url", default=None, help="the server's metrics, e.g. http://HOST:8002/metrics: "
+                        "adds GPU-stage seconds per video and the fraction of the GPU bound reached")  # fmt: skip
+    parser.add_argument("--busy-stages", type=lambda text: tuple(text.split(",")), default=BUSY_STAGES,
+                        help=f"the stages that occupy the GPU (default {','.join(BUSY_STAGES)})")  # fmt: skip
 
 
 @dataclass
@@ -84,6 +95,9 @@ class LevelSummary:
     latency_s: dict[str, float | None] = field(default_factory=dict)  # p50, p95, p99
     first_event_s: dict[str, float | None] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)  # mean seconds per request in each stage (metrics)
+    busy_s: float | None = None  # the busy stages' sum: GPU seconds per video (an upper bound under overlap)
+    of_bound: float | None = None  # videos/min over 60 / the first level's busy_s
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -154,6 +168,44 @@ async def run_level(args: argparse.Namespace, concurrency: int, requests: int) -
     return summarize(concurrency, results, wall_s), results
 
 
+def stage_totals(text: str) -> dict[str, tuple[float, float]]:
+    """Prometheus text -> {stage: (seconds summed, requests counted)} of k4serve's stage histogram, all instances."""
+    from k4serve.serving.triton_api import parse_metrics  # stdlib only: no serving dependency comes with it
+
+    totals: dict[str, list[float]] = {}
+    for (name, labels), value in parse_metrics(text).items():
+        if name in (f"{STAGE_HISTOGRAM}_sum", f"{STAGE_HISTOGRAM}_count"):
+            entry = totals.setdefault(dict(labels).get("stage", ""), [0.0, 0.0])
+            entry[name.endswith("_count")] += value
+    return {stage: (seconds, count) for stage, (seconds, count) in totals.items()}
+
+
+def stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean seconds per request in each stage between two `stage_totals` readings."""
+    means = {}
+    for stage, (seconds, count) in after.items():
+        seconds0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            means[stage] = (seconds - seconds0) / (count - count0)
+    return means
+
+
+def read_metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def add_busy_bound(levels: list[LevelSummary], stage_s: list[dict[str, float]], busy_stages: tuple) -> None:
+    """Fill each level's stage seconds, busy seconds and fraction of the first level's GPU bound."""
+    for level, stages in zip(levels, stage_s, strict=True):
+        level.stage_s = stages
+        level.busy_s = sum(stages[s] for s in busy_stages if s in stages) if stages else None
+    reference = levels[0].busy_s if levels else None
+    for level in levels:
+        if reference:
+            level.of_bound = level.videos_per_min / (60.0 / reference)
+
+
 def markdown_table(levels: list[LevelSummary], stream: bool) -> str:
     """The summary as a markdown table."""
 
@@ -162,6 +214,8 @@ def markdown_table(levels: list[LevelSummary], stream: bool) -> str:
 
     header = "| concurrency | requests | ok | videos/min | p50 s | p95 s | p99 s |"
     header += " first event p50 s | first event p95 s |" if stream else ""
+    busy = any(level.busy_s is not None for level in levels)
+    header += " GPU stages s/video | x of GPU bound |" if busy else ""
     header += " errors |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for level in levels:
@@ -169,6 +223,8 @@ def markdown_table(levels: list[LevelSummary], stream: bool) -> str:
         row += " | ".join(seconds(level.latency_s[f"p{q}"]) for q in PERCENTILES) + " |"
         if stream:
             row += f" {seconds(level.first_event_s['p50'])} | {seconds(level.first_event_s['p95'])} |"
+        if busy:
+            row += f" {seconds(level.busy_s)} | {seconds(level.of_bound)} |"
         errors = ", ".join(f"{code} {n}" for code, n in sorted(level.errors.items())) or "none"
         lines.append(f"{row} {errors} |")
     return "\n".join(lines)
@@ -212,13 +268,16 @@ def run_bench(args: argparse.Namespace) -> int:
     warmup_errors = warmup.errors if warmup else {}
     if warmup_errors:
         print(f"warm-up requests failed ({warmup_errors}); measuring anyway", file=sys.stderr)
-    levels, requests = [], []
+    levels, requests, stage_s = [], [], []
     for concurrency in args.concurrency:
+        before = stage_totals(read_metrics(args.metrics_url)) if args.metrics_url else {}
         summary, results = asyncio.run(run_level(args, concurrency, args.requests))
+        stage_s.append(stage_means(before, stage_totals(read_metrics(args.metrics_url))) if args.metrics_url else {})
         levels.append(summary)
         requests += results
         print(f"concurrency {concurrency}: {summary.videos_per_min:.2f} videos/min, p50 {summary.latency_s['p50']} s, "
               f"errors {summary.errors or 'none'}", flush=True)  # fmt: skip
+    add_busy_bound(levels, stage_s, args.busy_stages)
     stream = args.model == "t2v_stream"
     report = {
         "url": args.url,
@@ -229,6 +288,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "warmup": args.warmup,
         "warmup_errors": warmup_errors,
+        "metrics_url": args.metrics_url,
+        "busy_stages": list(args.busy_stages),
         "levels": [asdict(level) for level in levels],
         "requests": [asdict(result) for result in requests],
     }
