@@ -28,8 +28,9 @@ MAX_STAGE_CALLS_ENV = "K4SERVE_MAX_STAGE_CALLS"
 # Stage calls one entry point's process has in flight at once. Two keep the DiT of one request running beside the
 # VAE and muxer of the one before (the overlap that throughput needs); the others wait in the entry point. (The
 # bound was first set against tritonserver aborts under 4 requests on the H200, which came from the stub's unlocked
-# metric calls: backend.SerialMetric. With that fix, 4 ran clean on the H200 at the same throughput, 10.03 vs 9.95
-# videos/min at concurrency 4, and an earlier first event: benchmarks/RESULTS.md, 2026-12-03.)
+# metric calls: backend.SerialMetric. With that fix, 4 ran clean on the H200 at about the same throughput, 10.03
+# videos/min at concurrency 4 against 9.95 with 2 (a run the day before, every model loaded), and an earlier first
+# event: benchmarks/RESULTS.md, 2026-12-03.)
 DEFAULT_MAX_STAGE_CALLS = 2
 DRAINING_FILE = "draining"
 CANCEL_PARAMETER = "k4serve_cancel_token"
