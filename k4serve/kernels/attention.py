@@ -164,6 +164,7 @@ def _attention_kernel(desc_q, desc_k, desc_v, out_ptr, q_scale_ptr, k_scale_ptr,
     kv_row = b * seq_len  # first row of this sample in the [B*S, ...] views
     k_col = h * HEAD_DIM
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor (AOTI packages) passes Python floats as fp64
 
     # 1. this block's queries (rows past seq_len are finite neighbours; their outputs are not stored)
     q = desc_q.load([kv_row + pid_m * BLOCK_M, h * HEAD_DIM])  # [BLOCK_M, D]

@@ -43,7 +43,9 @@ def _norm_modulate_kernel(x_ptr, delta_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, s
     xf = x.to(tl.float32)
     mean = tl.sum(xf, 0) / D
     xc = tl.where(mask, xf - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, 0) / D + eps)
+    # eps in fp32 also where Inductor (AOTI packages) passes Python floats as fp64, which would make y fp64 and
+    # the e4m3 store unlowerable (no f64 -> f8 conversion)
+    rstd = tl.rsqrt(tl.sum(xc * xc, 0) / D + tl.cast(eps, tl.float32))
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     xn = xc * rstd * w + bias

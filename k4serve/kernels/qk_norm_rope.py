@@ -24,7 +24,7 @@ def _layer_norm(x, w_ptr, b_ptr, eps, D: tl.constexpr):
     cols = tl.arange(0, D)
     mean = tl.sum(x, 1) / D
     xc = x - mean[:, None]
-    rstd = tl.rsqrt(tl.sum(xc * xc, 1) / D + eps)
+    rstd = tl.rsqrt(tl.sum(xc * xc, 1) / D + tl.cast(eps, tl.float32))  # fp32 also from Inductor's fp64 floats
     w = tl.load(w_ptr + cols).to(tl.float32)
     b = tl.load(b_ptr + cols).to(tl.float32)
     return xc * rstd[:, None] * w[None, :] + b[None, :]
