@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from k4serve.kernels import group_norm
 from k4serve.kernels.attention import (
@@ -22,6 +23,7 @@ from k4serve.kernels.attention import (
     flash_attention_int8,
     quantize_qkv_fp8,
 )
+from k4serve.kernels.conv_bias import add_channel_bias_, conv3d_channels_last
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
 from k4serve.kernels.group_norm import (
     group_norm_stats,
@@ -368,3 +370,19 @@ def test_spatial_norm_silu_refuses_a_grid_it_cannot_upsample():
     scale = torch.randn(1, 8, 4, 4, 6, device=DEVICE)  # nearest upsampling in time repeats each frame k times
     with pytest.raises(ValueError, match="6 frames are not an upsampling of 4 latent frames"):
         spatial_norm_silu(x, scale, scale, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE), 4, 1e-6)
+
+
+@pytest.mark.parametrize("channels", [3, 64, 384])  # conv_out's RGB, one tile of channels, two (a ragged one)
+@pytest.mark.parametrize("dtype", [dtype for dtype, _ in NORM_DTYPES])
+def test_conv_bias_kernel_equals_torchs_conv_with_bias(channels, dtype):
+    """The NDHWC conv with its bias added by our kernel: bitwise torch's conv3d + bias (the same roundings)."""
+    g = torch.Generator().manual_seed(21)
+    x = in_layout(torch.randn(2, 5, 3, 6, 7, generator=g).to(DEVICE, dtype), "channels-last")
+    weight = (torch.randn(channels, 5, 3, 3, 3, generator=g) / 8).to(DEVICE, dtype)
+    bias = (torch.randn(channels, generator=g) * 4).to(DEVICE, dtype)
+    y = conv3d_channels_last(x, weight, bias, padding=(0, 1, 1))
+    unbiased = F.conv3d(x, weight, None, padding=(0, 1, 1))
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    assert torch.equal(y, unbiased + bias.view(-1, 1, 1, 1))  # torch's broadcast add: the same fp32 sum rounded once
+    with pytest.raises(ValueError, match="channels-last with bias"):
+        add_channel_bias_(unbiased.contiguous(), bias)

@@ -12,7 +12,7 @@ of a chunk of T frames (the reference: `CausalConv3d`, `norm_silu_conv`):
   1. a time-padded input [B, C, 2 + T, H, W] (NDHWC) from the allocator (the CUDA graph's pool);
   2. its first 2 frames: copies of frame 0 at the start of a video, else this conv's persistent `past` buffer;
   3. the fused norm + SiLU writes frames 2.. and stores its last 2 frames into `past` for the next chunk;
-  4. cuDNN's conv3d.
+  4. cuDNN's conv3d, its bias added by `kernels/conv_bias.py` (torch's broadcast add is slow).
 The reference instead copies the past frames in and clones the cache out; only step 2's copy is left here.
 `past` holds 2 frames of every causal conv's input (by count 2 x 524 M values, 2.1 GB at 384x672 in bf16; the
 eager decode holds the same cache while it runs): one flat buffer per conv, grown to the largest video seen and
@@ -31,11 +31,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from k4serve.engines.base import Shape
 from k4serve.kernels import on_device
+from k4serve.kernels.conv_bias import conv3d_channels_last
 from k4serve.kernels.group_norm import CHANNELS_LAST, group_norm_stats, spatial_norm_silu
 from k4serve.models.cogvideox_vae import (
     NORM_EPS,
@@ -185,7 +185,7 @@ class FastVAEDecoder:
         padded[:, :, :tp] = _first_frame_copies(padded, tp) if first else past
         if z.shape[2] >= tp:
             past.copy_(z[:, :, -tp:])
-        x = channels_last(conv_in.conv(padded))
+        x = conv(conv_in.conv, padded)
         # 2. mid block, then up blocks (x2 in space for all but the last, x2 in time for the first ones); a resnet
         #    whose output goes to a norm adds its residual in that norm's statistics pass
         stats = None
@@ -204,18 +204,18 @@ class FastVAEDecoder:
         h = self._norm_silu_conv(resnet.norm1, resnet.conv1, x, z, first, stats)
         h = self._norm_silu_conv(resnet.norm2, resnet.conv2, h, z, first)
         if resnet.conv_shortcut is not None:
-            x = channels_last(resnet.conv_shortcut(x))
+            x = conv(resnet.conv_shortcut, x)
         if not to_norm:
             return h.add_(x), None
         # every norm of the decoder has the config's groups and eps (SpatialNorm3D, NORM_EPS)
         return h, group_norm_stats(h, self.config.norm_num_groups, NORM_EPS, residual=x)
 
-    def _norm_silu_conv(self, norm: SpatialNorm3D, conv: CausalConv3d, x: Tensor, z: Tensor, first: bool,
+    def _norm_silu_conv(self, norm: SpatialNorm3D, causal: CausalConv3d, x: Tensor, z: Tensor, first: bool,
                         stats: Stats | None = None) -> Tensor:  # fmt: skip
         """conv(silu(norm(x, z))): the norm writes the padded input's frames and this conv's next past frames."""
-        tp = conv.time_pad
-        padded = conv.padded_input(x)  # NDHWC as x
-        past = self._past_frames(conv, padded)
+        tp = causal.time_pad
+        padded = causal.padded_input(x)  # NDHWC as x
+        past = self._past_frames(causal, padded)
         if not first:
             padded[:, :, :tp] = past  # before the norm overwrites it
         scale, shift = norm.conv_y(z), norm.conv_b(z)  # [B, C, t, h, w] on the latent grid
@@ -225,7 +225,7 @@ class FastVAEDecoder:
                           out=padded[:, :, tp:], tail=tail, stats=stats)  # fmt: skip
         if first:
             padded[:, :, :tp] = _first_frame_copies(padded, tp)
-        return channels_last(conv.conv(padded))
+        return conv(causal.conv, padded)
 
     def _past_frames(self, conv: CausalConv3d, padded: Tensor) -> Tensor:
         """This conv's persistent buffer [B, C, tp, H, W] (NDHWC) of past frames for a padded input like `padded`."""
@@ -238,6 +238,11 @@ class FastVAEDecoder:
             self._graphs.clear()  # captured graphs point into the buffer replaced here
             self._past[conv] = padded.new_empty(numel)
         return self._past[conv][:numel].view(b, tp, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def conv(module: nn.Conv3d, x: Tensor) -> Tensor:
+    """module(x) (stride 1) with an NDHWC output, its bias added by our kernel (torch's broadcast add is slow)."""
+    return conv3d_channels_last(x, module.weight, module.bias, module.padding)
 
 
 def nearest(x: Tensor, time_levels: int, space: int) -> Tensor:
@@ -256,7 +261,7 @@ def upsample(upsampler: Upsample3D, x: Tensor) -> Tensor:
     copy convolve to the same output, so the conv sees each distinct frame once (the same values, half the work
     where the block doubles time)."""
     weight = upsampler.conv.weight.unsqueeze(2)  # the per-frame Conv2d as a (1, 3, 3) Conv3d
-    y = channels_last(F.conv3d(nearest(x, 0, 2), weight, upsampler.conv.bias, padding=(0, 1, 1)))
+    y = conv3d_channels_last(nearest(x, 0, 2), weight, upsampler.conv.bias, padding=(0, 1, 1))
     return nearest(y, 1, 1) if upsampler.compress_time else y
 
 

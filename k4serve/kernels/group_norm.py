@@ -34,6 +34,7 @@ CHUNK = 8192  # NCDHW: elements per statistics program
 STATS_BLOCK = 1024
 APPLY_BLOCK = 1024
 TILE = 4096  # NDHWC: elements of one [pixels, channels] tile
+TILE_WARPS = 4  # warps per NDHWC tile program (statistics and apply)
 MAX_TILE_CHANNELS = 256
 # NDHWC statistics: about this many programs per tensor (a few waves on an H200's 132 SMs), each over whole tiles;
 # more would only lengthen the merge, whose one program per group reads every (channel, chunk) partial.
@@ -170,7 +171,7 @@ def group_norm_stats(x: Tensor, groups: int, eps: float, residual: Tensor | None
         with on_device(x.device):
             _channels_last_moments_kernel[(series, channel_blocks, b)](
                 x, x if residual is None else residual, means, m2s, c, pixels, full, x.stride(0),
-                x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c, RESIDUAL=residual is not None, num_warps=4,
+                x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c, RESIDUAL=residual is not None, num_warps=TILE_WARPS,
             )  # fmt: skip
         last = pixels - full * (series - 1)
     elif x.is_contiguous():
@@ -324,7 +325,7 @@ def spatial_norm_silu(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, b
                 x, out, tail, mean, rstd, weight, bias, scale, shift,
                 c, t, h * w, w, t * h * w, c // groups, groups,
                 x.stride(0), out.stride(0), 0 if tail is None else tail.stride(0), 0 if tail is None else tail.shape[2],
-                *latent_grid, BLOCK_P=block_p, BLOCK_C=block_c, HAS_TAIL=tail is not None, num_warps=4,
+                *latent_grid, BLOCK_P=block_p, BLOCK_C=block_c, HAS_TAIL=tail is not None, num_warps=TILE_WARPS,
             )  # fmt: skip
         else:
             _spatial_norm_silu_kernel[(b * c * t, triton.cdiv(h * w, APPLY_BLOCK))](
