@@ -30,6 +30,7 @@ from results import append_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from k4serve.cli_options import parse_size
+from k4serve.engines.options import resolve_fast_options
 from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline
 from k4serve.pipelines.video_io import encode_mp4
 
@@ -82,8 +83,13 @@ def measure(name: str, height: int, width: int, seconds: int, repeat: int) -> di
     torch.cuda.reset_peak_memory_stats()
     runs = [run_once(pipeline, height, width, seconds, i + 1, backends)[0] for i in range(repeat)]
     s = pipeline.settings
+    # what `auto` stood for on this machine (fa4 only where flash-attn-4 is installed)
+    attention, linear = (resolve_fast_options(s.attention, s.linear, "cuda", pipeline.dit.config.head_dim)
+                         if s.engine == "fast" else (s.attention, s.linear))  # fmt: skip
+    resolved = "" if (attention, linear) == (s.attention, s.linear) else f" = {attention}, {linear}"
     return {
-        "label": f"{name} ({s.attention}, {s.linear}, VAE {type(pipeline.vae_decoder).__name__}, mp4 {s.mp4_preset})",
+        "label": f"{name} ({s.attention}, {s.linear}{resolved}, VAE {type(pipeline.vae_decoder).__name__}, "
+        f"mp4 {s.mp4_preset})",
         "median": {stage: statistics.median(run[stage] for run in runs) for stage in runs[0]},
         "allocated": torch.cuda.max_memory_allocated() / 2**30,
         "reserved": torch.cuda.max_memory_reserved() / 2**30,
