@@ -1,6 +1,7 @@
 """Attention at the DiT's exact shape on one GPU: every backend's speed and error in one run.
 
     python benchmarks/attention.py [--size 384x672 --seconds 12] [--backends sdpa,triton,triton-fp8] [--results]
+    python benchmarks/attention.py --backends cuda-int8 --cuda-sources padded=/tmp/attention_sm90.cu
 
 One call at [1, S, 48, 64] (12 s at 384x672: S = 25,424, 7.94 TFLOP) per backend:
   kernel ms    the attention kernel alone on packed operands (median of `triton.testing.do_bench`)
@@ -11,16 +12,20 @@ One call at [1, S, 48, 64] (12 s at 384x672: S = 25,424, 7.94 TFLOP) per backend
                the DiT's own distribution (per-head LayerNorm'd, RoPE-rotated q, k; random v)
 Rows of ours list every Triton tiling tried; the engine uses the fastest. A backend that cannot run here is
 listed with the reason. `benchmarks/dit.py` prints this table first and feeds it to the default rule.
+`--cuda-sources NAME=FILE ...` adds rows for changed copies of our CUDA kernel (`git show BRANCH:k4serve/kernels/
+attention_sm90.cu > FILE`), built and measured beside the committed one in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +119,11 @@ def triton_calls(recipe: str, config: attn.AttentionConfig, q, k, v, smooth_k: b
     )
 
 
-def cuda_calls(variant: str, q, k, v):
-    """(kernel on packed operands, the engine's call) of our CUDA kernel, one variant."""
+def cuda_calls(variant: str, q, k, v, source: Path = attention_sm90.SOURCE):
+    """(kernel on packed operands, the engine's call) of our CUDA kernel, one variant (of `source`)."""
     packed = quantize_qk_int8(q, k, v)
-    return (lambda: attention_sm90.flash_attention_int8_sm90(packed, variant)), (
-        lambda: attention_sm90.flash_attention_int8_sm90(quantize_qk_int8(q, k, v), variant)
+    return (lambda: attention_sm90.flash_attention_int8_sm90(packed, variant, source)), (
+        lambda: attention_sm90.flash_attention_int8_sm90(quantize_qk_int8(q, k, v), variant, source)
     )
 
 
@@ -143,9 +148,11 @@ def measure(row: Row, calls_for: Callable[[tuple[Tensor, ...]], tuple[Callable, 
 BACKENDS = ("sdpa", *TRITON_RECIPES, "cuda-int8", *library.LIBRARIES)
 
 
-def attention_rows(config: DiTConfig, grid: tuple[int, int, int], backends: tuple[str, ...] = BACKENDS) -> list[Row]:
+def attention_rows(config: DiTConfig, grid: tuple[int, int, int], backends: tuple[str, ...] = BACKENDS,
+                   cuda_sources: dict[str, Path] | None = None) -> list[Row]:  # fmt: skip
     """Every backend (of `backends`; sdpa includes its flash and cuDNN rows) and Triton tiling at this token grid
-    (+ 224 text tokens); see the module docstring."""
+    (+ 224 text tokens), and both variants of each of `cuda_sources` (name -> a changed copy of our CUDA kernel);
+    see the module docstring."""
     inputs = qkv_inputs(config, grid, seed=0)
     refs = {kind: reference_heads(*qkv) for kind, qkv in inputs.items()}
     seq = math.prod(grid) + TEXT_LEN
@@ -168,12 +175,16 @@ def attention_rows(config: DiTConfig, grid: tuple[int, int, int], backends: tupl
             row = Row(f"{option} {best.block_m}x{best.block_n}, smoothed K (torch packing)", None)
             rows.append(measure(row, lambda qkv, c=best: triton_calls("fp8", c, *qkv, smooth_k=True), inputs, refs))
     reason = attention_sm90.unavailable_reason(DEVICE)
-    for variant in attention_sm90.VARIANTS if "cuda-int8" in backends else ():
-        option = "cuda-int8" if variant == attention_sm90.DEFAULT_VARIANT else None
-        if reason is not None:
-            rows.append(Row(f"cuda-int8 {variant}", None, note=f"skipped: {reason}"))
+    sources = {"": attention_sm90.SOURCE, **{f" ({name})": path for name, path in (cuda_sources or {}).items()}}
+    for (suffix, source), variant in itertools.product(sources.items(), attention_sm90.VARIANTS):
+        if "cuda-int8" not in backends and not suffix:
             continue
-        rows.append(measure(Row(f"cuda-int8 {variant}", option), lambda qkv, v=variant: cuda_calls(v, *qkv), inputs,
+        label = f"cuda-int8 {variant}{suffix}"
+        option = "cuda-int8" if variant == attention_sm90.DEFAULT_VARIANT and not suffix else None
+        if reason is not None:
+            rows.append(Row(label, None, note=f"skipped: {reason}"))
+            continue
+        rows.append(measure(Row(label, option), lambda qkv, v=variant, s=source: cuda_calls(v, *qkv, source=s), inputs,
                             refs))  # fmt: skip
     for name in (name for name in library.LIBRARIES if name in backends):
         reason = library.unavailable_reason(name, DEVICE)
@@ -208,6 +219,14 @@ def token_grid(config: DiTConfig, height: int, width: int, seconds: int) -> tupl
     return tuple(n // p for n, p in zip(shape[:3], config.patch_size, strict=True))
 
 
+def cuda_source(text: str) -> tuple[str, Path]:
+    """NAME=FILE of --cuda-sources."""
+    name, sep, file = text.partition("=")
+    if not sep or not name or not Path(file).is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE with an existing FILE, got {text!r}")
+    return name, Path(file)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=(384, 672), help="HEIGHTxWIDTH")
@@ -215,6 +234,8 @@ def main() -> None:
     parser.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--backends", type=lambda text: tuple(text.split(",")), default=BACKENDS,
                         help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)")  # fmt: skip
+    parser.add_argument("--cuda-sources", nargs="+", type=cuda_source, default=[], metavar="NAME=FILE",
+                        help="changed copies of our CUDA kernel's source, measured beside it")  # fmt: skip
     args = parser.parse_args()
     if unknown := set(args.backends) - set(BACKENDS):
         parser.error(f"unknown --backends {','.join(sorted(unknown))}: choose from {','.join(BACKENDS)}")
@@ -222,7 +243,7 @@ def main() -> None:
     grid = token_grid(config, *args.size, args.seconds)
     seq = math.prod(grid) + TEXT_LEN
     flops = attn.attention_flops(1, seq, config.num_heads, config.head_dim)
-    table = "\n".join(format_rows(attention_rows(config, grid, args.backends), flops))
+    table = "\n".join(format_rows(attention_rows(config, grid, args.backends, dict(args.cuda_sources)), flops))
     print(table)
     if args.results:
         from results import append_table

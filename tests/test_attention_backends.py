@@ -244,6 +244,27 @@ def test_cuda_kernel_compiles_to_hopper_tensor_core_code_without_spills(tmp_path
     assert not re.search(r"\b(LDL|STL)\b", sass), "local memory in the kernel"
 
 
+def test_each_kernel_source_gets_its_own_cached_build(tmp_path):
+    """A/B runs (benchmarks/attention.py --cuda-sources) build a changed copy beside the committed kernel: a distinct
+    library per source, and a second build of either reuses its file."""
+    from k4serve.kernels import attention_sm90
+
+    if attention_sm90._nvcc() is None:
+        pytest.skip("needs nvcc")
+    changed = tmp_path / "changed.cu"
+    changed.write_text(attention_sm90.SOURCE.read_text().replace("kStages = 3;", "kStages = 4;"))
+    assert changed.read_text() != attention_sm90.SOURCE.read_text()
+    committed = attention_sm90.build(tmp_path)
+    other = attention_sm90.build(tmp_path, source=changed)
+    assert committed != other and committed.is_file() and other.is_file()
+    built_at = other.stat().st_mtime_ns
+    assert attention_sm90.build(tmp_path, source=changed) == other and other.stat().st_mtime_ns == built_at
+    broken = tmp_path / "broken.cu"
+    broken.write_text("this is not CUDA")
+    with pytest.raises(RuntimeError, match="nvcc failed to build .*broken.cu"):
+        attention_sm90.build(tmp_path, source=broken)
+
+
 def describe_mismatch(got: torch.Tensor, want: torch.Tensor, heads: int) -> str:
     """Where two [B, S, H*64] outputs disagree: NaNs, the bad rows' positions in a 128-row block, bad columns."""
     got, want = got.double(), want.double()

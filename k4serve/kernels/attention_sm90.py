@@ -28,7 +28,7 @@ HEAD_DIM, KV_BLOCK = 64, 128
 # V's tile) and lazy rescaling (the max moves only past a 2^8 growth). The engine runs DEFAULT_VARIANT.
 VARIANTS = {"plain": 0, "fast": 1}
 DEFAULT_VARIANT = "fast"
-_LIBRARY: ctypes.CDLL | None = None
+_LIBRARIES: dict[Path, ctypes.CDLL] = {}  # source -> its loaded build (benchmarks/attention.py A/B-tests other sources)
 
 
 def _nvcc() -> str | None:
@@ -50,38 +50,38 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     return None
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile the kernel (cached by the source's and flags' hash) and return the shared library's path."""
+def build(out_dir: Path | None = None, source: Path = SOURCE) -> Path:
+    """Compile `source` (cached by its and the flags' hash) and return the shared library's path."""
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("cuda-int8 is compiled at first use: put nvcc on PATH or set CUDA_HOME")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
     out_dir = out_dir or Path(os.environ.get("K4SERVE_CACHE", Path.home() / ".cache" / "k4serve"))
     library = out_dir / f"attention_sm90_{digest}.so"
     if not library.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         partial = library.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(partial), str(source)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"nvcc failed to build {SOURCE.name}:\n{result.stderr[-4000:]}")
+            raise RuntimeError(f"nvcc failed to build {source}:\n{result.stderr[-4000:]}")
         partial.replace(library)  # atomic: concurrent first uses (several Triton instances) never load a half file
     return library
 
 
-def _library() -> ctypes.CDLL:
-    global _LIBRARY
-    if _LIBRARY is None:
-        library = ctypes.CDLL(str(build()))
+def _library(source: Path = SOURCE) -> ctypes.CDLL:
+    if source not in _LIBRARIES:
+        library = ctypes.CDLL(str(build(source=source)))
         fn = library.k4serve_attention_int8_sm90
         fn.restype = ctypes.c_int
         pointer, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
         fn.argtypes = [pointer] * 5 + [i64, pointer, i32, i32, i32, i32, i32, pointer]
-        _LIBRARY = library
-    return _LIBRARY
+        _LIBRARIES[source] = library
+    return _LIBRARIES[source]
 
 
-def flash_attention_int8_sm90(packed: Int8QK, variant: str = DEFAULT_VARIANT) -> Tensor:
-    """Attention over int8 Q·Kᵀ operands and the bf16 v (see `Int8QK`) -> [B, S, H*64] bf16."""
+def flash_attention_int8_sm90(packed: Int8QK, variant: str = DEFAULT_VARIANT, source: Path = SOURCE) -> Tensor:
+    """Attention over int8 Q·Kᵀ operands and the bf16 v (see `Int8QK`) -> [B, S, H*64] bf16. `source` is for A/B
+    tests of a changed kernel (same entry point and arguments)."""
     b, s, h, d, v = packed.batch, packed.seq_len, packed.num_heads, packed.head_dim, packed.v
     if d != HEAD_DIM or packed.kv_block != KV_BLOCK or v.dtype != torch.bfloat16:
         raise ValueError(f"cuda-int8 takes head_dim {HEAD_DIM}, KV scale blocks of {KV_BLOCK} and a bf16 v; got "
@@ -90,7 +90,7 @@ def flash_attention_int8_sm90(packed: Int8QK, variant: str = DEFAULT_VARIANT) ->
         raise ValueError(f"v must be a [B, S, H, D] view with contiguous, 16-byte aligned rows; got {v.stride()}")
     out = torch.empty(b, s, h * d, device=v.device, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream(v.device).cuda_stream
-    error = _library().k4serve_attention_int8_sm90(
+    error = _library(source).k4serve_attention_int8_sm90(
         packed.q.data_ptr(), packed.k.data_ptr(), packed.q_scale.data_ptr(), packed.k_scale.data_ptr(),
         v.data_ptr(), v.stride(1), out.data_ptr(), b, s, h, packed.k_scale.shape[-1], VARIANTS[variant], stream,
     )  # fmt: skip
