@@ -252,8 +252,7 @@ def test_each_kernel_source_gets_its_own_cached_build(tmp_path):
     if attention_sm90._nvcc() is None:
         pytest.skip("needs nvcc")
     changed = tmp_path / "changed.cu"
-    changed.write_text(attention_sm90.SOURCE.read_text().replace("kStages = 3;", "kStages = 4;"))
-    assert changed.read_text() != attention_sm90.SOURCE.read_text()
+    changed.write_text(attention_sm90.SOURCE.read_text() + "\n// a changed copy\n")
     committed = attention_sm90.build(tmp_path)
     other = attention_sm90.build(tmp_path, source=changed)
     assert committed != other and committed.is_file() and other.is_file()
