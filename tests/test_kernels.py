@@ -321,6 +321,36 @@ def test_residual_is_added_in_the_statistics_pass(dtype):
         group_norm_stats(h, groups=32, eps=1e-6, residual=x.contiguous())
 
 
+@pytest.mark.parametrize("dtype", [dtype for dtype, _ in NORM_DTYPES])
+def test_conv_bias_added_inside_the_norm_passes_equals_adding_it_first(dtype):
+    """The fast decoder's conv outputs arrive without their bias: both norm passes (and the residual pass) add it
+    as they read, with the rounding of the bias add they replace, so the outputs equal the biased path's bitwise."""
+    g = torch.Generator().manual_seed(23)
+    h, x = (in_layout((torch.randn(2, 64, 3, 8, 12, generator=g) + 4).to(DEVICE, dtype), "channels-last") for _ in "hx")
+    conv_bias = (4 * torch.randn(64, generator=g)).to(DEVICE, dtype)
+    biased = h + conv_bias.view(-1, 1, 1, 1)  # torch's broadcast add: one rounding
+    scale, shift = (torch.randn(2, 64, 3, 4, 6, generator=g).to(DEVICE, dtype) for _ in "ss")
+    weight, bias = (torch.randn(64, generator=g).to(DEVICE, dtype) for _ in "wb")
+    want = spatial_norm_silu(biased, scale, shift, weight, bias, groups=32, eps=1e-6)
+    got = spatial_norm_silu(h, scale, shift, weight, bias, groups=32, eps=1e-6, conv_bias=conv_bias)
+    assert torch.equal(got, want) and not torch.equal(h, biased)  # h itself stays unbiased
+    # with the skip connection: h = (h + bias) + x in place, as the biased conv and torch's add_ round it
+    expected_sum = biased.clone().add_(x)
+    stats = group_norm_stats(h, groups=32, eps=1e-6, residual=x, conv_bias=conv_bias)
+    assert torch.equal(h, expected_sum)
+    for got_stat, want_stat in zip(stats, group_norm_stats(expected_sum, groups=32, eps=1e-6), strict=True):
+        torch.testing.assert_close(got_stat, want_stat, rtol=1e-6, atol=1e-6)  # chunk sums in another order
+    y = in_layout(torch.randn(2, 64, 3, 8, 12, generator=g).to(DEVICE, dtype), "channels-last")
+    want_y = (y + conv_bias.view(-1, 1, 1, 1)).add_(x)
+    assert torch.equal(add_channel_bias_(y, conv_bias, residual=x), want_y)
+    with pytest.raises(ValueError, match="conv_bias \\(32,\\) must be \\[C\\] of a channels-last x"):
+        group_norm_stats(h, groups=32, eps=1e-6, conv_bias=conv_bias[:32])
+    with pytest.raises(ValueError, match="must be \\[C\\] of a channels-last x"):
+        spatial_norm_silu(h.contiguous(), scale, shift, weight, bias, groups=32, eps=1e-6, conv_bias=conv_bias)
+    with pytest.raises(ValueError, match="residual .* must have y's shape and layout"):
+        add_channel_bias_(y, conv_bias, residual=x.contiguous())
+
+
 # (frames, latent frames, spatial factor): odd with its lone first frame, even, the mid block's 1:1, an image
 # cuda:1: the VAE on GPU 1 while GPU 0 stays current; the kernels must launch on their tensors' GPU
 @pytest.mark.parametrize("device", [DEVICE, pytest.param("cuda:1", marks=two_gpus)])

@@ -12,7 +12,9 @@ of a chunk of T frames (the reference: `CausalConv3d`, `norm_silu_conv`):
   1. a time-padded input [B, C, 2 + T, H, W] (NDHWC) from the allocator (the CUDA graph's pool);
   2. its first 2 frames: copies of frame 0 at the start of a video, else this conv's persistent `past` buffer;
   3. the fused norm + SiLU writes frames 2.. and stores its last 2 frames into `past` for the next chunk;
-  4. cuDNN's conv3d, its bias added by `kernels/conv_bias.py` (torch's broadcast add is slow).
+  4. cuDNN's conv3d, without its bias: the next pass over the output adds it as it reads it (a resnet's first conv:
+     both passes of the next norm; its second: the pass that adds the skip connection, inside the next norm's
+     statistics where one follows). Elsewhere `kernels/conv_bias.py` adds it (torch's broadcast add is slow).
 The reference instead copies the past frames in and clones the cache out; only step 2's copy is left here.
 `past` holds 2 frames of every causal conv's input (by count 2 x 524 M values, 2.1 GB at 384x672 in bf16; the
 eager decode holds the same cache while it runs): one flat buffer per conv, grown to the largest video seen and
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 
 from k4serve.engines.base import Shape
 from k4serve.kernels import on_device
-from k4serve.kernels.conv_bias import conv3d_channels_last
+from k4serve.kernels.conv_bias import add_channel_bias_, conv3d_channels_last
 from k4serve.kernels.group_norm import CHANNELS_LAST, group_norm_stats, spatial_norm_silu
 from k4serve.models.cogvideox_vae import (
     NORM_EPS,
@@ -196,23 +198,27 @@ class FastVAEDecoder:
             for upsampler in block.upsamplers:
                 x = upsample(upsampler, x)
         # 3. out norm, SiLU, conv to RGB               [B, 3, T', 8h, 8w]
-        return self._norm_silu_conv(decoder.norm_out, decoder.conv_out, x, z, first, stats)
+        rgb = self._norm_silu_conv(decoder.norm_out, decoder.conv_out, x, z, first, stats)
+        return add_channel_bias_(rgb, decoder.conv_out.conv.bias)
 
     def _resnet(self, resnet: ResnetBlock3D, x: Tensor, z: Tensor, first: bool, stats: Stats | None,
                 to_norm: bool) -> tuple[Tensor, Stats | None]:  # fmt: skip
-        """(h + shortcut(x), and with `to_norm` the next norm's statistics of it); `stats`: those of x, if known."""
+        """(h + shortcut(x), and with `to_norm` the next norm's statistics of it); `stats`: those of x, if known.
+        Each conv's bias is added by the pass that reads its output next."""
         h = self._norm_silu_conv(resnet.norm1, resnet.conv1, x, z, first, stats)
-        h = self._norm_silu_conv(resnet.norm2, resnet.conv2, h, z, first)
+        h = self._norm_silu_conv(resnet.norm2, resnet.conv2, h, z, first, conv_bias=resnet.conv1.conv.bias)
         if resnet.conv_shortcut is not None:
             x = conv(resnet.conv_shortcut, x)
+        bias = resnet.conv2.conv.bias
         if not to_norm:
-            return h.add_(x), None
+            return add_channel_bias_(h, bias, residual=x), None
         # every norm of the decoder has the config's groups and eps (SpatialNorm3D, NORM_EPS)
-        return h, group_norm_stats(h, self.config.norm_num_groups, NORM_EPS, residual=x)
+        return h, group_norm_stats(h, self.config.norm_num_groups, NORM_EPS, residual=x, conv_bias=bias)
 
     def _norm_silu_conv(self, norm: SpatialNorm3D, causal: CausalConv3d, x: Tensor, z: Tensor, first: bool,
-                        stats: Stats | None = None) -> Tensor:  # fmt: skip
-        """conv(silu(norm(x, z))): the norm writes the padded input's frames and this conv's next past frames."""
+                        stats: Stats | None = None, conv_bias: Tensor | None = None) -> Tensor:  # fmt: skip
+        """conv(silu(norm(x, z))) without the conv's bias (the caller's next pass adds it): the norm writes the
+        padded input's frames and this conv's next past frames. `conv_bias`: x's own, not yet added."""
         tp = causal.time_pad
         padded = causal.padded_input(x)  # NDHWC as x
         past = self._past_frames(causal, padded)
@@ -222,10 +228,10 @@ class FastVAEDecoder:
         layer = norm.norm_layer
         tail = past if x.shape[2] >= tp else None  # a lone image chunk has no next chunk
         spatial_norm_silu(x, scale, shift, layer.weight, layer.bias, layer.num_groups, layer.eps,
-                          out=padded[:, :, tp:], tail=tail, stats=stats)  # fmt: skip
+                          out=padded[:, :, tp:], tail=tail, stats=stats, conv_bias=conv_bias)  # fmt: skip
         if first:
             padded[:, :, :tp] = _first_frame_copies(padded, tp)
-        return conv(causal.conv, padded)
+        return conv3d_channels_last(padded, causal.conv.weight, None, causal.conv.padding)
 
     def _past_frames(self, conv: CausalConv3d, padded: Tensor) -> Tensor:
         """This conv's persistent buffer [B, C, tp, H, W] (NDHWC) of past frames for a padded input like `padded`."""

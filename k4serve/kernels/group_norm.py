@@ -78,9 +78,15 @@ def _chunk_moments_kernel(x_ptr, mean_ptr, m2_ptr, group_numel, CHUNK: tl.conste
 
 
 @triton.jit
-def _channels_last_moments_kernel(x_ptr, residual_ptr, mean_ptr, m2_ptr, C, pixels, chunk_pixels, x_batch_stride,
-                                  residual_batch_stride, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                                  RESIDUAL: tl.constexpr):  # fmt: skip
+def _with_conv_bias(x, conv_bias):
+    """x + the conv's bias per channel, rounded to x's dtype as the conv's own bias add rounds it."""
+    return (x.to(tl.float32) + conv_bias.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _channels_last_moments_kernel(x_ptr, residual_ptr, conv_bias_ptr, mean_ptr, m2_ptr, C, pixels, chunk_pixels,
+                                  x_batch_stride, residual_batch_stride, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                                  RESIDUAL: tl.constexpr, CONV_BIAS: tl.constexpr):  # fmt: skip
     chunk = tl.program_id(0)  # of pixels (t, h, w); axis 0 has no 65535 limit
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
@@ -92,6 +98,9 @@ def _channels_last_moments_kernel(x_ptr, residual_ptr, mean_ptr, m2_ptr, C, pixe
     # per channel, sums shifted by the chunk's first pixel (as NCDHW's per-group chunk)
     pivot_offsets = start.to(tl.int64) * C + channels
     pivot = tl.load(base + pivot_offsets, mask=cmask, other=0.0)
+    if CONV_BIAS:
+        conv_bias = tl.load(conv_bias_ptr + channels, mask=cmask, other=0.0)
+        pivot = _with_conv_bias(pivot, conv_bias)
     if RESIDUAL:  # x + residual rounded to x's dtype, as torch's add_ rounds it
         pivot = (pivot.to(tl.float32) + tl.load(residual_base + pivot_offsets, mask=cmask).to(tl.float32)).to(
             x_ptr.dtype.element_ty
@@ -104,6 +113,8 @@ def _channels_last_moments_kernel(x_ptr, residual_ptr, mean_ptr, m2_ptr, C, pixe
         mask = (p < count)[:, None] & cmask[None, :]
         offsets = (start + p).to(tl.int64)[:, None] * C + channels[None, :]
         x = tl.load(base + offsets, mask=mask, other=0.0)
+        if CONV_BIAS:
+            x = _with_conv_bias(x, conv_bias[None, :])
         if RESIDUAL:
             x = (x.to(tl.float32) + tl.load(residual_base + offsets, mask=mask, other=0.0).to(tl.float32)).to(
                 x_ptr.dtype.element_ty
@@ -148,10 +159,13 @@ def _merge_moments_kernel(mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, partials
     tl.store(out_rstd_ptr + row, (1.0 / tl.sqrt(var + eps)).to(tl.float32))
 
 
-def group_norm_stats(x: Tensor, groups: int, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def group_norm_stats(x: Tensor, groups: int, eps: float, residual: Tensor | None = None,
+                     conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """x [B, C, ...] contiguous, or [B, C, T, H, W] channels-last -> (mean, rstd) [B * groups] in fp32, biased
-    variance as nn.GroupNorm. `residual` (channels-last, like x): first x += residual in place (rounded to x's
-    dtype as torch's add_), then the statistics of the sum, in the same pass (a resnet's output and the next norm)."""
+    variance as nn.GroupNorm. Channels-last x may be a conv's output before its bias add: `conv_bias` [C] is
+    added as it is read (rounded to x's dtype, as the add it replaces). `residual` (channels-last, like x): first
+    x (+ conv_bias) += residual in place (rounded to x's dtype as torch's add_), then the statistics of the sum, in
+    the same pass (a resnet's output and the next norm); without one, x itself stays unbiased."""
     b, c = x.shape[:2]
     if c % groups:
         raise ValueError(f"x [B, C, ...] needs C divisible by {groups}; got {tuple(x.shape)}")
@@ -159,6 +173,7 @@ def group_norm_stats(x: Tensor, groups: int, eps: float, residual: Tensor | None
         not is_channels_last(x) or residual.shape != x.shape or residual.stride() != x.stride()
     ):  # fmt: skip
         raise ValueError(f"residual {tuple(residual.shape)} must be channels-last like x {tuple(x.shape)}")
+    _check_conv_bias(conv_bias, x)
     if is_channels_last(x):
         pixels = x[0, 0].numel()
         block_p, block_c = channel_tile(c)
@@ -170,8 +185,9 @@ def group_norm_stats(x: Tensor, groups: int, eps: float, residual: Tensor | None
         m2s = torch.empty_like(means)
         with on_device(x.device):
             _channels_last_moments_kernel[(series, channel_blocks, b)](
-                x, x if residual is None else residual, means, m2s, c, pixels, full, x.stride(0),
-                x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c, RESIDUAL=residual is not None, num_warps=TILE_WARPS,
+                x, x if residual is None else residual, x if conv_bias is None else conv_bias, means, m2s, c, pixels,
+                full, x.stride(0), x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c, RESIDUAL=residual is not None,
+                CONV_BIAS=conv_bias is not None, num_warps=TILE_WARPS,
             )  # fmt: skip
         last = pixels - full * (series - 1)
     elif x.is_contiguous():
@@ -226,12 +242,12 @@ def _spatial_norm_silu_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc
 
 
 @triton.jit
-def _channels_last_norm_silu_kernel(x_ptr, y_ptr, tail_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                    C, T, HW, W, pixels, channels_per_group, groups,
+def _channels_last_norm_silu_kernel(x_ptr, y_ptr, tail_ptr, conv_bias_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+                                    scale_ptr, shift_ptr, C, T, HW, W, pixels, channels_per_group, groups,
                                     x_batch_stride, y_batch_stride, tail_batch_stride, tail_frames,
                                     t_lat, h_lat, w_lat, frame_factor, lone_first, height_factor, width_factor,
                                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                                    HAS_TAIL: tl.constexpr):  # fmt: skip
+                                    HAS_TAIL: tl.constexpr, CONV_BIAS: tl.constexpr):  # fmt: skip
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixel (f, y, x) of one sample
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
@@ -251,7 +267,10 @@ def _channels_last_norm_silu_kernel(x_ptr, y_ptr, tail_ptr, mean_ptr, rstd_ptr, 
     shift = tl.load(shift_ptr + latent_offsets, mask=mask, other=0.0).to(tl.float32)
 
     offsets = p.to(tl.int64)[:, None] * C + channels[None, :]
-    x = tl.load(x_ptr + b.to(tl.int64) * x_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b.to(tl.int64) * x_batch_stride + offsets, mask=mask, other=0.0)
+    if CONV_BIAS:
+        x = _with_conv_bias(x, tl.load(conv_bias_ptr + channels, mask=cmask, other=0.0)[None, :])
+    x = x.to(tl.float32)
     v = (x * a[None, :] + beta[None, :]) * scale + shift
     y = (v / (1.0 + tl.exp(-v))).to(y_ptr.dtype.element_ty)  # SiLU
     tl.store(y_ptr + b.to(tl.int64) * y_batch_stride + offsets, y, mask=mask)
@@ -280,6 +299,11 @@ def _frame_slice_strides(x: Tensor, batch_stride: int) -> tuple[int, ...]:
     return batch_stride, batch_stride // c, h * w, w, 1
 
 
+def _check_conv_bias(conv_bias: Tensor | None, x: Tensor) -> None:
+    if conv_bias is not None and (not is_channels_last(x) or conv_bias.shape != (x.shape[1],)):
+        raise ValueError(f"conv_bias {tuple(conv_bias.shape)} must be [C] of a channels-last x {tuple(x.shape)}")
+
+
 def _check_frame_slice(name: str, buffer: Tensor, x: Tensor, frames: int) -> None:
     """`buffer` must be `frames` frames of x's [B, C, ·, H, W] stored in x's layout inside a larger buffer."""
     b, c, _, h, w = x.shape
@@ -293,13 +317,15 @@ def _check_frame_slice(name: str, buffer: Tensor, x: Tensor, frames: int) -> Non
 
 def spatial_norm_silu(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, groups: int,
                       eps: float, out: Tensor | None = None, tail: Tensor | None = None,
-                      stats: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
+                      stats: tuple[Tensor, Tensor] | None = None,
+                      conv_bias: Tensor | None = None) -> Tensor:  # fmt: skip
     """silu((GroupNorm(x) · weight + bias) · up(scale) + up(shift)) -> `out` (or a new tensor) [B, C, T, H, W].
 
     x [B, C, T, H, W] contiguous or channels-last; scale, shift [B, C, t, h, w] with H, W multiples of h, w;
     `out` may be a frame slice of a larger buffer in x's layout (a conv's time-padded input). `tail`
     (channels-last only): a [B, C, k, H, W] buffer that also receives the last k output frames. `stats`: x's
-    (mean, rstd) from `group_norm_stats(x, groups, eps)` when they are already computed.
+    (mean, rstd) from `group_norm_stats(x, groups, eps, conv_bias=conv_bias)` when they are already computed.
+    `conv_bias` [C] (channels-last only): x is a conv's output before its bias add, which this adds as it reads x.
     """
     b, c, t, h, w = x.shape
     t_lat, h_lat, w_lat = scale.shape[2:]
@@ -312,9 +338,10 @@ def spatial_norm_silu(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, b
         _check_frame_slice("tail", tail, x, tail.shape[2])
     if scale.shape != (b, c, t_lat, h_lat, w_lat) or shift.shape != scale.shape or h % h_lat or w % w_lat:
         raise ValueError(f"scale and shift {tuple(scale.shape)} must be [B, C, t, h, w] dividing x {tuple(x.shape)}")
+    _check_conv_bias(conv_bias, x)
     lone_first, frame_factor = time_upsampling(t, t_lat)
     latent_grid = (t_lat, h_lat, w_lat, frame_factor, lone_first, h // h_lat, w // w_lat)
-    mean, rstd = group_norm_stats(x, groups, eps) if stats is None else stats
+    mean, rstd = group_norm_stats(x, groups, eps, conv_bias=conv_bias) if stats is None else stats
     if mean.shape != (b * groups,) or rstd.shape != mean.shape:
         raise ValueError(f"stats must be (mean, rstd) of {b} x {groups} groups, got {tuple(mean.shape)}")
     with on_device(x.device):
@@ -322,10 +349,11 @@ def spatial_norm_silu(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, b
             block_p, block_c = channel_tile(c)
             scale, shift = (m.contiguous(memory_format=CHANNELS_LAST) for m in (scale, shift))
             _channels_last_norm_silu_kernel[(triton.cdiv(t * h * w, block_p), triton.cdiv(c, block_c), b)](
-                x, out, tail, mean, rstd, weight, bias, scale, shift,
+                x, out, tail, x if conv_bias is None else conv_bias, mean, rstd, weight, bias, scale, shift,
                 c, t, h * w, w, t * h * w, c // groups, groups,
                 x.stride(0), out.stride(0), 0 if tail is None else tail.stride(0), 0 if tail is None else tail.shape[2],
-                *latent_grid, BLOCK_P=block_p, BLOCK_C=block_c, HAS_TAIL=tail is not None, num_warps=TILE_WARPS,
+                *latent_grid, BLOCK_P=block_p, BLOCK_C=block_c, HAS_TAIL=tail is not None,
+                CONV_BIAS=conv_bias is not None, num_warps=TILE_WARPS,
             )  # fmt: skip
         else:
             _spatial_norm_silu_kernel[(b * c * t, triton.cdiv(h * w, APPLY_BLOCK))](
