@@ -339,7 +339,7 @@ def test_conv_bias_added_inside_the_norm_passes_equals_adding_it_first(dtype):
     stats = group_norm_stats(h, groups=32, eps=1e-6, residual=x, conv_bias=conv_bias)
     assert torch.equal(h, expected_sum)
     for got_stat, want_stat in zip(stats, group_norm_stats(expected_sum, groups=32, eps=1e-6), strict=True):
-        torch.testing.assert_close(got_stat, want_stat, rtol=1e-6, atol=1e-6)  # chunk sums in another order
+        torch.testing.assert_close(got_stat, want_stat, rtol=1e-6, atol=1e-6)  # the statistics of the sum written
     y = in_layout(torch.randn(2, 64, 3, 8, 12, generator=g).to(DEVICE, dtype), "channels-last")
     want_y = (y + conv_bias.view(-1, 1, 1, 1)).add_(x)
     assert torch.equal(add_channel_bias_(y, conv_bias, residual=x), want_y)

@@ -78,9 +78,9 @@ def _chunk_moments_kernel(x_ptr, mean_ptr, m2_ptr, group_numel, CHUNK: tl.conste
 
 
 @triton.jit
-def _with_conv_bias(x, conv_bias):
-    """x + the conv's bias per channel, rounded to x's dtype as the conv's own bias add rounds it."""
-    return (x.to(tl.float32) + conv_bias.to(tl.float32)).to(x.dtype)
+def _add_rounded(x, y):
+    """x + y in fp32, rounded to x's dtype: torch's add of two tensors (a conv's bias add, a resnet's add_)."""
+    return (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
 
 
 @triton.jit
@@ -100,11 +100,9 @@ def _channels_last_moments_kernel(x_ptr, residual_ptr, conv_bias_ptr, mean_ptr, 
     pivot = tl.load(base + pivot_offsets, mask=cmask, other=0.0)
     if CONV_BIAS:
         conv_bias = tl.load(conv_bias_ptr + channels, mask=cmask, other=0.0)
-        pivot = _with_conv_bias(pivot, conv_bias)
+        pivot = _add_rounded(pivot, conv_bias)
     if RESIDUAL:  # x + residual rounded to x's dtype, as torch's add_ rounds it
-        pivot = (pivot.to(tl.float32) + tl.load(residual_base + pivot_offsets, mask=cmask).to(tl.float32)).to(
-            x_ptr.dtype.element_ty
-        )
+        pivot = _add_rounded(pivot, tl.load(residual_base + pivot_offsets, mask=cmask))
     pivot = pivot.to(tl.float32)
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -114,11 +112,9 @@ def _channels_last_moments_kernel(x_ptr, residual_ptr, conv_bias_ptr, mean_ptr, 
         offsets = (start + p).to(tl.int64)[:, None] * C + channels[None, :]
         x = tl.load(base + offsets, mask=mask, other=0.0)
         if CONV_BIAS:
-            x = _with_conv_bias(x, conv_bias[None, :])
+            x = _add_rounded(x, conv_bias[None, :])
         if RESIDUAL:
-            x = (x.to(tl.float32) + tl.load(residual_base + offsets, mask=mask, other=0.0).to(tl.float32)).to(
-                x_ptr.dtype.element_ty
-            )
+            x = _add_rounded(x, tl.load(residual_base + offsets, mask=mask, other=0.0))
             tl.store(base + offsets, x, mask=mask)
         d = tl.where(mask, x.to(tl.float32) - pivot[None, :], 0.0)
         s1 += d
@@ -269,7 +265,7 @@ def _channels_last_norm_silu_kernel(x_ptr, y_ptr, tail_ptr, conv_bias_ptr, mean_
     offsets = p.to(tl.int64)[:, None] * C + channels[None, :]
     x = tl.load(x_ptr + b.to(tl.int64) * x_batch_stride + offsets, mask=mask, other=0.0)
     if CONV_BIAS:
-        x = _with_conv_bias(x, tl.load(conv_bias_ptr + channels, mask=cmask, other=0.0)[None, :])
+        x = _add_rounded(x, tl.load(conv_bias_ptr + channels, mask=cmask, other=0.0)[None, :])
     x = x.to(tl.float32)
     v = (x * a[None, :] + beta[None, :]) * scale + shift
     y = (v / (1.0 + tl.exp(-v))).to(y_ptr.dtype.element_ty)  # SiLU
