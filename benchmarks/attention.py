@@ -1,7 +1,7 @@
 """Attention at the DiT's exact shape on one GPU: every backend's speed and error in one run.
 
     python benchmarks/attention.py [--size 384x672 --seconds 12] [--backends sdpa,triton,triton-fp8] [--results]
-    python benchmarks/attention.py --backends cuda-int8 --cuda-sources padded=/tmp/attention_sm90.cu
+    python benchmarks/attention.py --backends cuda,cuda-int8 --cuda-sources padded=/tmp/attention_sm90.cu
 
 One call at [1, S, 48, 64] (12 s at 384x672: S = 25,424, 7.94 TFLOP) per backend:
   kernel ms    the attention kernel alone on packed operands (median of `triton.testing.do_bench`)
@@ -119,8 +119,12 @@ def triton_calls(recipe: str, config: attn.AttentionConfig, q, k, v, smooth_k: b
     )
 
 
-def cuda_calls(variant: str, q, k, v, source: Path = attention_sm90.SOURCE):
-    """(kernel on packed operands, the engine's call) of our CUDA kernel, one variant (of `source`)."""
+def cuda_calls(recipe: str, variant: str, q, k, v, source: Path = attention_sm90.SOURCE):
+    """(kernel on packed operands, the engine's call) of our CUDA kernel, one recipe (cuda: bf16, cuda-int8) and
+    variant (of `source`)."""
+    if recipe == "cuda":
+        run = lambda: attention_sm90.flash_attention_sm90(q, k, v, variant, source)  # noqa: E731
+        return run, run
     packed = quantize_qk_int8(q, k, v)
     return (lambda: attention_sm90.flash_attention_int8_sm90(packed, variant, source)), (
         lambda: attention_sm90.flash_attention_int8_sm90(quantize_qk_int8(q, k, v), variant, source)
@@ -145,7 +149,8 @@ def measure(row: Row, calls_for: Callable[[tuple[Tensor, ...]], tuple[Callable, 
     return row
 
 
-BACKENDS = ("sdpa", *TRITON_RECIPES, "cuda-int8", *library.LIBRARIES)
+CUDA_RECIPES = ("cuda", "cuda-int8")
+BACKENDS = ("sdpa", *TRITON_RECIPES, *CUDA_RECIPES, *library.LIBRARIES)
 
 
 def attention_rows(config: DiTConfig, grid: tuple[int, int, int], backends: tuple[str, ...] = BACKENDS,
@@ -176,16 +181,15 @@ def attention_rows(config: DiTConfig, grid: tuple[int, int, int], backends: tupl
             rows.append(measure(row, lambda qkv, c=best: triton_calls("fp8", c, *qkv, smooth_k=True), inputs, refs))
     reason = attention_sm90.unavailable_reason(DEVICE)
     sources = {"": attention_sm90.SOURCE, **{f" ({name})": path for name, path in (cuda_sources or {}).items()}}
-    for (suffix, source), variant in itertools.product(sources.items(), attention_sm90.VARIANTS):
-        if "cuda-int8" not in backends and not suffix:
-            continue
-        label = f"cuda-int8 {variant}{suffix}"
-        option = "cuda-int8" if variant == attention_sm90.DEFAULT_VARIANT and not suffix else None
+    cuda_rows = itertools.product((r for r in CUDA_RECIPES if r in backends), sources.items(), attention_sm90.VARIANTS)
+    for recipe, (suffix, source), variant in cuda_rows:
+        label = f"{recipe} {variant}{suffix}"
+        option = recipe if variant == attention_sm90.DEFAULT_VARIANT and not suffix else None
         if reason is not None:
             rows.append(Row(label, None, note=f"skipped: {reason}"))
             continue
-        rows.append(measure(Row(label, option), lambda qkv, v=variant, s=source: cuda_calls(v, *qkv, source=s), inputs,
-                            refs))  # fmt: skip
+        calls = lambda qkv, r=recipe, v=variant, s=source: cuda_calls(r, v, *qkv, source=s)  # noqa: E731
+        rows.append(measure(Row(label, option), calls, inputs, refs))
     for name in (name for name in library.LIBRARIES if name in backends):
         reason = library.unavailable_reason(name, DEVICE)
         if reason is not None:

@@ -60,7 +60,8 @@ def test_engine_interface_and_bad_options():
 @pytest.mark.parametrize("device", ["cuda:0", pytest.param("cuda:1", marks=two_gpus)])
 @pytest.mark.parametrize(
     "attention, linear, bound",
-    [("triton", "bf16", 2e-2), ("fa4", "bf16", 2e-2), ("triton-int8", "bf16", 4e-2), ("cuda-int8", "bf16", 4e-2),
+    [("triton", "bf16", 2e-2), ("cuda", "bf16", 2e-2), ("fa4", "bf16", 2e-2), ("triton-int8", "bf16", 4e-2),
+     ("cuda-int8", "bf16", 4e-2),
      ("triton-fp8", "fp8", 1.5e-1), ("cudnn-fp8", "bf16", 1.5e-1)],
 )  # fmt: skip
 def test_cuda_graph_engine_against_autocast_module(attention, linear, bound, device):

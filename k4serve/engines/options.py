@@ -30,6 +30,7 @@ ATTENTION_OPTIONS: dict[str, AttentionOption] = {
     "fa4": AttentionOption("FlashAttention-4 (CuTe DSL), bf16; pip install 'k4serve[gpu]'", 546, 2.3e-3),
     "triton": AttentionOption("ours (Triton), bf16", 449, 2.3e-3),
     "sdpa": AttentionOption("torch scaled_dot_product_attention, bf16", 416, 2.3e-3),
+    "cuda": AttentionOption("ours (CUDA C++, sm_90a, FA3-style warp-specialized), bf16", None, None),
     "triton-int8": AttentionOption("ours (Triton): int8 Q·Kᵀ with smoothed K, bf16 P·V", 488, 1.1e-2),
     "cuda-int8": AttentionOption("ours (CUDA C++, sm_90a, FA3-style warp-specialized): the same recipe", 352, 1.1e-2),
     "triton-fp8": AttentionOption("ours (Triton): e4m3 Q·Kᵀ and P·V", 547, 5.4e-2),
@@ -106,10 +107,10 @@ def unavailable_reason(attention: str, device: str, head_dim: int | None = None)
 
     if attention in library_attention.LIBRARIES:
         return library_attention.unavailable_reason(attention, device)
-    if attention == "cuda-int8":
+    if attention in ("cuda", "cuda-int8"):
         reason = attention_sm90.unavailable_reason(device)
         if reason is None and head_dim not in (None, attention_sm90.HEAD_DIM):
-            reason = f"cuda-int8 takes head_dim {attention_sm90.HEAD_DIM}, the model has {head_dim}"
+            reason = f"{attention} takes head_dim {attention_sm90.HEAD_DIM}, the model has {head_dim}"
         return reason
     if attention.startswith("triton") and head_dim is not None:
         return triton_attention.head_dim_reason(head_dim)
@@ -146,6 +147,8 @@ def describe_attention(name: str) -> str:
         ranking = " > ".join(bf16_level_ranking(recorded_attention_table()))
         return f"the fastest bf16-level (error <= {BF16_LEVEL:g}) backend installed here ({ranking})"
     option = ATTENTION_OPTIONS[name]
+    if option.error is None:
+        return f"{option.summary} (not yet measured on a GPU)"
     speed = f"{option.tflops:.0f} TFLOP/s, " if option.tflops else ""
     x0 = f", x0 error {DIT_TABLE[name, 'bf16'][1]:.1e} with bf16 linears" if (name, "bf16") in DIT_TABLE else ""
     return f"{option.summary} ({speed}error {option.error:.1e}{x0})"

@@ -26,7 +26,7 @@ from k4serve.engines.cuda_graphs import CapturedGraph
 from k4serve.engines.options import AUTO, resolve_fast_options
 from k4serve.kernels import attention as attn
 from k4serve.kernels import on_device
-from k4serve.kernels.attention_sm90 import flash_attention_int8_sm90
+from k4serve.kernels.attention_sm90 import flash_attention_int8_sm90, flash_attention_sm90
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
 from k4serve.kernels.library_attention import cudnn_fp8_attention, fa4_attention
 from k4serve.kernels.norm_modulate import norm_modulate
@@ -57,6 +57,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 ATTENTION_FNS = {
     "sdpa": _sdpa,
     "triton": attn.flash_attention,
+    "cuda": flash_attention_sm90,
     "triton-int8": _int8_attention,
     "cuda-int8": _int8_attention_sm90,
     "fa4": fa4_attention,

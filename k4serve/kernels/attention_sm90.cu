@@ -1,47 +1,66 @@
-// Joint (non-causal) attention for the DiT on Hopper (sm_90a), head_dim 64: the triton-int8 recipe (int8 Q·Kᵀ with
-// smoothed K and per-row / per-block scales, bf16 P·V, fp32 softmax and accumulation) scheduled as FlashAttention-3
-// schedules its forward, which Triton cannot express on Hopper:
-//   - one CTA per 128 query rows of one (sample, head): three warpgroups. WG0 is the producer (it issues the
-//     cp.async copies of K and V tiles into a 3-stage ring, completion tracked by mbarriers; it keeps 40 registers,
-//     setmaxnreg), WG1 and WG2 are consumers of 64 query rows each (232 registers).
+// Joint (non-causal) attention for the DiT on Hopper (sm_90a), head_dim 64, scheduled as FlashAttention-3 schedules
+// its forward (which Triton cannot express on Hopper), in two recipes of Q·Kᵀ:
+//   - bf16 (engine option `cuda`): Q·Kᵀ and P·V in bf16 on the tensor cores, fp32 softmax and accumulation;
+//   - int8 (`cuda-int8`): the triton-int8 recipe, int8 Q·Kᵀ with smoothed K and per-row / per-block scales.
+// The schedule:
+//   - one CTA per 64·kConsumers query rows of one (sample, head): a producer warpgroup (it issues the cp.async
+//     copies of K and V tiles into a 3-stage ring, completion tracked by mbarriers, and keeps few registers:
+//     setmaxnreg) and kConsumers consumer warpgroups of 64 query rows each. Three consumers, not FA3's two at
+//     head_dim 128: at head_dim 64 the softmax's exp2s bound the loop, and a third warp per SM sub-partition hides
+//     their latency; four would leave fewer registers than S, P and O need.
 //   - ping-pong: a consumer issues its tensor-core work (S_j = Q·K_jᵀ, then O += P_{j-1}·V_{j-1}) and hands the
-//     tensor cores to the other consumer through a named barrier, then runs block j's softmax while the other's
+//     tensor cores to the next consumer through a named barrier, then runs block j's softmax while the others'
 //     MMAs run. (The source waits for S_j alone before the softmax, FA3's intra-warpgroup overlap, but ptxas 13.0
-//     schedules the wait for P·V_{j-1} ahead of the softmax anyway; at head_dim 64 the exp2s, not the tensor
-//     cores, bound the loop, and the ping-pong alone keeps both busy.)
-//   - S accumulates exactly in int32 (|s| <= 64·127² < 2^22) and becomes fp32 by an integer add of the bits of
+//     schedules the wait for P·V_{j-1} ahead of the softmax anyway.)
+//   - int8: S accumulates exactly in int32 (|s| <= 64·127² < 2^22) and becomes fp32 by an integer add of the bits of
 //     1.5·2^23 (no I2F); the bias folds into the per-row constant that the softmax subtracts.
-//   - the `fast` variant (kFast) also takes two jobs off the issue slots, which bound a head_dim-64 softmax: the row
-//     sums come from the tensor cores (V's tile carries an extra 8 columns of ones, so P·V's column 64 is Σ p), and
-//     the running max is only moved when a row's max grows by more than 2^8 (FlashAttention-4's lazy rescaling:
-//     p <= 256 stays exact enough in bf16 and fp32), so most blocks skip the O rescale and its exp2.
-// Shared-memory tiles use the no-swizzle ("interleave") canonical wgmma layouts, written by cp.async in 16-byte
-// chunks (a warp writes 8 rows x 4 chunks per instruction: 4 wavefronts, the minimum for 512 bytes):
-//   Q, K (int8, K-major): byte (row, k) at row*16 + (k/16)*(rows*16) + k%16     LBO = rows*16, SBO = 128
-//   V (bf16, N-major):    (token t, dim d) at t*16 + (d/8)*2048 + (d%8)*2 bytes   LBO = 128,     SBO = 2048
-//                         (dims 64..71: the constant ones of the fast variant)
+//   - one in kPolyEvery of a block's exp2s runs on the FMA pipe as a polynomial (FlashAttention-4's offload), the
+//     rest on the MUFU, whose 16 results per clock and SM bound a head_dim-64 softmax.
+//   - the `fast` variant (kFast) also takes two jobs off the issue slots: the row sums come from the tensor cores
+//     (V's tile carries an extra 8 columns of ones, so P·V's column 64 is Σ p), and the running max is only moved
+//     when a row's max grows by more than 2^8 (FlashAttention-4's lazy rescaling: p <= 256 stays exact enough in
+//     bf16 and fp32), so most blocks skip the O rescale and its exp2.
+// Shared-memory tiles use the no-swizzle ("interleave") canonical wgmma layouts: core matrices of 8 rows x 16 bytes,
+// the 16-byte units of a row one unit stride (rows x 16 bytes) apart:
+//   Q, K (K-major): byte (row, b) of a row's bytes at row*16 + (b/16)*(rows*16) + b%16   LBO = rows*16, SBO = 128
+//   V (N-major):    (token t, dim d) at t*16 + (d/8)*2048 + (d%8)*2 bytes                LBO = 128,     SBO = 2048
+//                   (dims 64..71: the constant ones of the fast variant)
+// cp.async writes them in 16-byte chunks, each quarter-warp (the 8 lanes a 16-byte access serves at once) 4 rows x 32
+// bytes: one whole L2 sector per row. (8 rows x 16 bytes, half a sector each, had every sector fetched twice: ncu on
+// an H100, benchmarks/RESULTS.md 2026-12-07.) The shared writes stay 2-way conflicted: the two units of a row lie a
+// multiple of 128 bytes apart.
 // Built at first use by k4serve/kernels/attention_sm90.py (nvcc -gencode=arch=compute_90a,code=sm_90a).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace {
 
 constexpr int kHeadDim = 64;
-constexpr int kBlockM = 128;  // query rows per CTA: 64 per consumer warpgroup
-constexpr int kBlockN = 128;  // keys per KV block (= the int8 K scale block of the packing)
+constexpr int kConsumers = 3;              // consumer warpgroups, 64 query rows each
+constexpr int kBlockM = 64 * kConsumers;   // query rows per CTA
+constexpr int kBlockN = 128;               // keys per KV block (= the int8 K scale block of the packing)
 constexpr int kStages = 3;
-constexpr int kThreads = 384;
-constexpr int kConsumerThreads = 256;
+constexpr int kConsumerThreads = 128 * kConsumers;
 constexpr int kProducerThreads = 128;
+constexpr int kThreads = kProducerThreads + kConsumerThreads;
+constexpr int kTurnThreads = 256;  // a turn barrier: the consumer taking the tensor cores and the one handing them
+// registers per thread after setmaxnreg: all warpgroups together may hold the SM's 64K
+constexpr int kProducerRegs = kConsumers == 2 ? 40 : 32;
+constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 160;
+static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536);
 constexpr float kScoreBias = 12582912.0f;  // 1.5 * 2^23, whose bits are 0x4B400000
 constexpr float kLazyRescale = 8.0f;       // fast variant: keep the max until a row's grows by more than this
 constexpr int kVUnits = kHeadDim / 8 + 1;  // 16-byte units of a V row in shared memory, + the ones unit
 
+template <bool kInt8>
 struct __align__(128) Shared {
-  int8_t q[kBlockM * kHeadDim];                    // two 64-row tiles, one per consumer
-  int8_t k[kStages][kBlockN * kHeadDim];
+  static constexpr int kQKBytes = kInt8 ? 1 : 2;  // bytes per Q / K element
+  uint8_t q[kBlockM * kHeadDim * kQKBytes];       // one 64-row tile per consumer
+  uint8_t k[kStages][kBlockN * kHeadDim * kQKBytes];
   __nv_bfloat16 v[kStages][kBlockN * 8 * kVUnits];
   uint64_t q_full;
   uint64_t full[kStages];   // producer -> consumers: the stage's K and V landed
@@ -85,14 +104,14 @@ __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
 }
 
-// ---- named barriers: the two consumers take turns on the tensor cores ----
+// ---- named barriers: the consumers take turns on the tensor cores, in a ring (consumer c hands them to c + 1) ----
 
 __device__ __forceinline__ void turn_wait(int consumer) {
-  asm volatile("bar.sync %0, %1;" ::"r"(1 + consumer), "n"(kConsumerThreads) : "memory");
+  asm volatile("bar.sync %0, %1;" ::"r"(1 + consumer), "n"(kTurnThreads) : "memory");
 }
 
 __device__ __forceinline__ void turn_pass(int consumer) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(1 + (consumer ^ 1)), "n"(kConsumerThreads) : "memory");
+  asm volatile("bar.arrive %0, %1;" ::"r"(1 + (consumer + 1) % kConsumers), "n"(kTurnThreads) : "memory");
 }
 
 // ---- wgmma ----
@@ -124,7 +143,7 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 }
 
 // S[64 x 128] (+)= Q[64 x 32] · K[128 x 32]ᵀ, int8 -> int32, both operands K-major in shared memory
-__device__ __forceinline__ void wgmma_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k, int accumulate) {
+__device__ __forceinline__ void wgmma_qk_s8(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k, int accumulate) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -144,6 +163,31 @@ __device__ __forceinline__ void wgmma_qk(uint32_t (&s)[64], uint64_t desc_q, uin
         "+r"(s[40]), "+r"(s[41]), "+r"(s[42]), "+r"(s[43]), "+r"(s[44]), "+r"(s[45]), "+r"(s[46]), "+r"(s[47]),
         "+r"(s[48]), "+r"(s[49]), "+r"(s[50]), "+r"(s[51]), "+r"(s[52]), "+r"(s[53]), "+r"(s[54]), "+r"(s[55]),
         "+r"(s[56]), "+r"(s[57]), "+r"(s[58]), "+r"(s[59]), "+r"(s[60]), "+r"(s[61]), "+r"(s[62]), "+r"(s[63])
+      : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+}
+
+// S[64 x 128] (+)= Q[64 x 16] · K[128 x 16]ᵀ, bf16 -> fp32, both operands K-major in shared memory
+__device__ __forceinline__ void wgmma_qk_bf16(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k, int accumulate) {
+  float (&f)[64] = reinterpret_cast<float (&)[64]>(s);
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(f[0]), "+f"(f[1]), "+f"(f[2]), "+f"(f[3]), "+f"(f[4]), "+f"(f[5]), "+f"(f[6]), "+f"(f[7]), "+f"(f[8]),
+        "+f"(f[9]), "+f"(f[10]), "+f"(f[11]), "+f"(f[12]), "+f"(f[13]), "+f"(f[14]), "+f"(f[15]), "+f"(f[16]),
+        "+f"(f[17]), "+f"(f[18]), "+f"(f[19]), "+f"(f[20]), "+f"(f[21]), "+f"(f[22]), "+f"(f[23]), "+f"(f[24]),
+        "+f"(f[25]), "+f"(f[26]), "+f"(f[27]), "+f"(f[28]), "+f"(f[29]), "+f"(f[30]), "+f"(f[31]), "+f"(f[32]),
+        "+f"(f[33]), "+f"(f[34]), "+f"(f[35]), "+f"(f[36]), "+f"(f[37]), "+f"(f[38]), "+f"(f[39]), "+f"(f[40]),
+        "+f"(f[41]), "+f"(f[42]), "+f"(f[43]), "+f"(f[44]), "+f"(f[45]), "+f"(f[46]), "+f"(f[47]), "+f"(f[48]),
+        "+f"(f[49]), "+f"(f[50]), "+f"(f[51]), "+f"(f[52]), "+f"(f[53]), "+f"(f[54]), "+f"(f[55]), "+f"(f[56]),
+        "+f"(f[57]), "+f"(f[58]), "+f"(f[59]), "+f"(f[60]), "+f"(f[61]), "+f"(f[62]), "+f"(f[63])
       : "l"(desc_q), "l"(desc_k), "r"(accumulate));
 }
 
@@ -186,18 +230,30 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// 2^x on the FMA pipe (FlashAttention-4's offload of the exp2 unit): 2^floor(x) by the exponent bits, 2^frac by
+// a degree-3 polynomial (max. relative error 8.6e-5, far below bf16's 3.9e-3); x >= -127 keeps the exponent valid
+constexpr int kPolyEvery = 4;  // one in kPolyEvery 8-column groups of a block's scores takes this path (0: none)
+__device__ __forceinline__ float exp2_poly(float x) {
+  x = fmaxf(x, -127.f);
+  const float t = __fadd_rd(x, 12582912.f);  // 1.5 * 2^23 + floor(x): floor(x) in the low mantissa bits
+  const float f = x - (t - 12582912.f);      // [0, 1)
+  const float p = __fmaf_rn(__fmaf_rn(__fmaf_rn(0.07706618f, f, 0.22764593f), f, 0.69511658f), f, 1.f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
 struct Params {
-  const int8_t* q8;       // [B*S, H*64] int8
-  const int8_t* k8;       // [B*S, H*64] int8, smoothed
-  const float* q_scale;   // [B, H, S]
-  const float* k_scale;   // [B, H, n_blocks]
+  const uint8_t* q;       // [B, S, H, 64] rows of qk_row_bytes: int8 (packed: [B*S, H*64]) or a bf16 view
+  const uint8_t* k;       // the same layout; int8: smoothed
+  const float* q_scale;   // int8: [B, H, S]
+  const float* k_scale;   // int8: [B, H, n_blocks]
   const __nv_bfloat16* v; // [B, S, H, 64] view, row stride v_stride elements
   __nv_bfloat16* out;     // [B, S, H*64]
+  long long qk_row_bytes;  // bytes from one token's q (k) row to the next
   long long v_stride;
   int seq_len, heads, n_blocks;
   float qk_scale;         // log2(e) / sqrt(64)
@@ -217,13 +273,16 @@ struct RowState {
 
 // s (int32 scores) -> p (fp32, in place, relative to the running max); alpha = exp2(m_old - m_new) per row, and
 // whether any row of this warp moved its max (the fast variant skips the O rescale when none did)
-template <bool kFast>
+template <bool kFast, bool kInt8, bool kRagged>
 __device__ __forceinline__ bool softmax_block(uint32_t (&s)[64], RowState& st, float k_scale, int valid_cols,
                                               int lane, float (&alpha)[2]) {
   float* f = reinterpret_cast<float*>(s);
+  constexpr float kBias = kInt8 ? kScoreBias : 0.f;  // int8: the scores arrive as 1.5·2^23 + s
+  if (kInt8) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) f[i] = __int_as_float(static_cast<int>(s[i]) + 0x4B400000);  // exact: 1.5·2^23 + s
-  if (valid_cols < kBlockN) {  // the ragged last block
+    for (int i = 0; i < 64; ++i) f[i] = __int_as_float(static_cast<int>(s[i]) + 0x4B400000);  // exact
+  }
+  if (kRagged) {  // the last block, with keys past the sequence
     const int col0 = 2 * (lane % 4);
 #pragma unroll
     for (int i = 0; i < 64; ++i)
@@ -238,7 +297,7 @@ __device__ __forceinline__ bool softmax_block(uint32_t (&s)[64], RowState& st, f
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
     rs[half] = st.scale[half] * k_scale;
-    block_max[half] = (mx - kScoreBias) * rs[half];  // every row has a valid column in every block
+    block_max[half] = (mx - kBias) * rs[half];  // every row has a valid column in every block
   }
   bool moved = true;
   if (kFast) {  // move the max only past a growth of 2^kLazyRescale (a fresh row's -inf always moves)
@@ -250,14 +309,15 @@ __device__ __forceinline__ bool softmax_block(uint32_t (&s)[64], RowState& st, f
     const float m_new = moved ? fmaxf(st.m[half], block_max[half]) : st.m[half];
     alpha[half] = moved ? exp2_approx(st.m[half] - m_new) : 1.f;
     st.m[half] = m_new;
-    const float shift = m_new + kScoreBias * rs[half];  // p = exp2(biased * rs - (m_new + bias * rs))
+    const float shift = m_new + kBias * rs[half];  // p = exp2(biased * rs - (m_new + bias * rs))
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = f[4 * j + 2 * half + e];
-        x = exp2_approx(__fmaf_rn(x, rs[half], -shift));
+        const float arg = __fmaf_rn(x, rs[half], -shift);
+        x = kPolyEvery > 0 && j % kPolyEvery == kPolyEvery - 1 ? exp2_poly(arg) : exp2_approx(arg);
         if (!kFast) sum += x;  // the fast variant sums on the tensor cores
       }
     }
@@ -289,17 +349,25 @@ __device__ __forceinline__ void issue_pv(float (&o)[N], const uint32_t (&p)[32],
   }
 }
 
+template <bool kInt8>
 __device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k) {
+  constexpr int kSteps = kHeadDim * (kInt8 ? 1 : 2) / 32;  // 32 bytes of each row per step: two 16-byte units
 #pragma unroll
-  for (int kstep = 0; kstep < kHeadDim / 32; ++kstep)  // 32 bytes of K per step: two 16-byte column units
-    wgmma_qk(s, desc_q + kstep * (2 * 1024 >> 4), desc_k + kstep * (2 * 2048 >> 4), kstep);
+  for (int kstep = 0; kstep < kSteps; ++kstep) {
+    const uint64_t q = desc_q + kstep * (2 * 1024 >> 4), k = desc_k + kstep * (2 * 2048 >> 4);
+    if (kInt8) wgmma_qk_s8(s, q, k, kstep);
+    else wgmma_qk_bf16(s, q, k, kstep);
+  }
 }
 
-template <bool kFast>
-__global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const Params prm) {
+template <bool kFast, bool kInt8>
+__global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Params prm) {
   constexpr int kOut = kFast ? 36 : 32;  // O accumulator registers (fast: + the row-sum columns)
+  constexpr int kQKBytes = Shared<kInt8>::kQKBytes;
+  constexpr int kQKUnits = kHeadDim * kQKBytes / 16;  // 16-byte units of a Q / K row: 4 (int8) or 8 (bf16)
+  constexpr int kQTile = 64 * kHeadDim * kQKBytes;    // bytes of one consumer's Q tile
   extern __shared__ __align__(128) uint8_t smem_raw[];
-  Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
+  Shared<kInt8>& sh = *reinterpret_cast<Shared<kInt8>*>(smem_raw);
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
   const int lane = tid % 32;
@@ -307,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
   const int b = bh / prm.heads, h = bh % prm.heads;
   const int q0 = blockIdx.x * kBlockM;
   const int S = prm.seq_len;
-  const long long row_bytes = static_cast<long long>(prm.heads) * kHeadDim;  // q8 / k8 row length
+  const long long out_row = static_cast<long long>(prm.heads) * kHeadDim;  // elements per output row
 
   if (tid == 0) {
     mbar_init(&sh.q_full, kProducerThreads);
@@ -329,19 +397,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
   if (warpgroup == 0) {
     // ===== producer =====
     // All four warps copy (one per SM sub-partition, so no scheduler carries the whole producer's issue load).
-    // Warp w copies rows 32w..32w+31 of each 128-row tile, 8 rows x 4 16-byte chunks per instruction.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    const int sub_row = 32 * (tid / 32) + lane % 8, unit = lane / 8;
-    const int8_t* q_src = prm.q8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
+    // Warp w copies rows 32w..32w+31 of each 128-row K / V tile, 8 rows x 64 bytes per instruction (a bf16 row's
+    // 128 bytes in two): lane l takes row 4*(l/16) + (l%8)/2 of the 8 and unit 2*((l/8)%2) + l%2 of the 64 bytes,
+    // so a quarter-warp copies 4 rows x 32 bytes (see the header).
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    const int warp_row = 4 * (lane / 16) + (lane % 8) / 2, unit = 2 * ((lane / 8) % 2) + lane % 2;
+    const int sub_row = 32 * (tid / 32) + warp_row;
+    const long long head_offset = static_cast<long long>(b) * S * prm.qk_row_bytes + h * kHeadDim * kQKBytes;
+    const uint8_t* q_src = prm.q + head_offset;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = sub_row + 8 * i;
-      const uint32_t dst = smem_u32(sh.q) + (row / 64) * 4096 + (row % 64) * 16 + unit * 1024;
+    for (int i = 0; i < kBlockM / 32; ++i) {
+      const int row = 8 * (4 * i + tid / 32) + warp_row;
       const bool valid = q0 + row < S;
-      cp_async16(dst, q_src + (valid ? (q0 + row) * row_bytes : 0), valid);
+#pragma unroll
+      for (int half = 0; half < kQKUnits / 4; ++half) {  // bf16: a row's 128 bytes, chunks unit and unit + 4
+        const int chunk = unit + 4 * half;
+        const uint32_t dst = smem_u32(sh.q) + (row / 64) * kQTile + (row % 64) * 16 + chunk * 1024;
+        cp_async16(dst, q_src + (valid ? (q0 + row) * prm.qk_row_bytes : 0) + chunk * 16, valid);
+      }
     }
     cp_async_arrive(&sh.q_full);
-    const int8_t* k_src = prm.k8 + (static_cast<long long>(b) * S) * row_bytes + h * kHeadDim + unit * 16;
+    const uint8_t* k_src = prm.k + head_offset;
     const __nv_bfloat16* v_src = prm.v + static_cast<long long>(b) * S * prm.v_stride + h * kHeadDim;
     for (int j = 0; j < prm.n_blocks; ++j) {
       const int stage = j % kStages;
@@ -352,7 +428,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
       for (int i = 0; i < 4; ++i) {
         const int row = sub_row + 8 * i;
         const bool valid = kv0 + row < S;
-        cp_async16(k_dst + row * 16 + unit * 2048, k_src + (valid ? (kv0 + row) * row_bytes : 0), valid);
+#pragma unroll
+        for (int half = 0; half < kQKUnits / 4; ++half) {
+          const int chunk = unit + 4 * half;
+          cp_async16(k_dst + row * 16 + chunk * 2048, k_src + (valid ? (kv0 + row) * prm.qk_row_bytes : 0) + chunk * 16,
+                     valid);
+        }
 #pragma unroll
         for (int half = 0; half < 2; ++half) {  // a token's 128 bytes of V: chunks unit and unit + 4
           const int chunk = unit + 4 * half;
@@ -366,15 +447,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
       mbar_wait(&sh.empty[j % kStages], ((j / kStages) & 1) ^ 1);
   } else {
     // ===== consumers =====
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
     const int consumer = warpgroup - 1;
     const int t = tid % 128;
     const int row0 = 16 * (t / 32) + (t % 32) / 4;  // rows row0 and row0 + 8 of this consumer's 64
-    const uint64_t desc_q = smem_desc(smem_u32(sh.q) + consumer * 4096, 1024, 128);
+    const uint64_t desc_q = smem_desc(smem_u32(sh.q) + consumer * kQTile, 1024, 128);
     const uint64_t desc_k0 = smem_desc(smem_u32(sh.k[0]), 2048, 128);
     const uint64_t desc_v0 = smem_desc(smem_u32(sh.v[0]), 128, 2048);
     constexpr uint32_t kStepK = sizeof(sh.k[0]) >> 4, kStepV = sizeof(sh.v[0]) >> 4;  // one stage, in 16 bytes
-    const float* k_scale = prm.k_scale + static_cast<long long>(bh) * prm.n_blocks;
+    const float* k_scale = kInt8 ? prm.k_scale + static_cast<long long>(bh) * prm.n_blocks : nullptr;
 
     RowState st;
 #pragma unroll
@@ -382,7 +463,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
       const int row = q0 + 64 * consumer + row0 + 8 * half;
       st.m[half] = -INFINITY;
       st.l[half] = 0.f;
-      st.scale[half] = (row < S ? prm.q_scale[static_cast<long long>(bh) * S + row] : 1.f) * prm.qk_scale;
+      const float q_scale = kInt8 && row < S ? prm.q_scale[static_cast<long long>(bh) * S + row] : 1.f;
+      st.scale[half] = q_scale * prm.qk_scale;
     }
     uint32_t s[64];
     uint32_t p[32];
@@ -391,37 +473,42 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
     for (int i = 0; i < kOut; ++i) o[i] = 0.f;
     float alpha[2];
 
-    if (consumer == 1) turn_pass(consumer);  // consumer 0 takes the tensor cores first
+    if (consumer == kConsumers - 1) turn_pass(consumer);  // consumer 0 takes the tensor cores first
     mbar_wait(&sh.q_full, 0);
 
-    // block 0: scores and softmax only
-    mbar_wait(&sh.full[0], 0);
-    turn_wait(consumer);
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    wgmma_fence();
-    issue_qk(s, desc_q, desc_k0);
-    wgmma_commit();
-    turn_pass(consumer);
-    wgmma_wait<0>();
-    fence_regs(s);
-    softmax_block<kFast>(s, st, k_scale[0], min(kBlockN, S), lane, alpha);
-    pack_p(s, p);
-
-    for (int j = 1; j < prm.n_blocks; ++j) {
+    // The ragged last block (keys past the sequence) runs its own copy of the step, whose softmax masks them:
+    // a mask under a branch inside the loop would make ptxas serialize the wgmmas (C7518) in the bf16 recipe,
+    // whose scores are the accumulator registers themselves.
+    const bool ragged = S % kBlockN != 0;
+    auto first_block = [&](auto masked) {  // block 0: scores and softmax only
+      mbar_wait(&sh.full[0], 0);
+      turn_wait(consumer);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      wgmma_fence();
+      issue_qk<kInt8>(s, desc_q, desc_k0);
+      wgmma_commit();
+      turn_pass(consumer);
+      wgmma_wait<0>();
+      fence_regs(s);
+      softmax_block<kFast, kInt8, decltype(masked)::value>(s, st, kInt8 ? k_scale[0] : 1.f, S, lane, alpha);
+      pack_p(s, p);
+    };
+    auto step = [&](int j, auto masked) {
       const int stage = j % kStages, prev = (j - 1) % kStages;
-      const float block_scale = k_scale[j];
+      const float block_scale = kInt8 ? k_scale[j] : 1.f;
       mbar_wait(&sh.full[stage], (j / kStages) & 1);
       turn_wait(consumer);
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       wgmma_fence();
-      issue_qk(s, desc_q, desc_k0 + stage * kStepK);
+      issue_qk<kInt8>(s, desc_q, desc_k0 + stage * kStepK);
       wgmma_commit();
       issue_pv(o, p, desc_v0 + prev * kStepV);
       wgmma_commit();
       turn_pass(consumer);
       wgmma_wait<1>();  // S_j is ready; O += P_{j-1} V_{j-1} still runs
       fence_regs(s);
-      const bool moved = softmax_block<kFast>(s, st, block_scale, min(kBlockN, S - j * kBlockN), lane, alpha);
+      const bool moved = softmax_block<kFast, kInt8, decltype(masked)::value>(s, st, block_scale, S - j * kBlockN,
+                                                                              lane, alpha);
       fence_regs(s);
       wgmma_wait<0>();
       fence_regs(o);
@@ -429,6 +516,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
       mbar_arrive(&sh.empty[prev]);
       if (moved) rescale(o, alpha);
       pack_p(s, p);
+    };
+    if (ragged && prm.n_blocks == 1) first_block(std::true_type{});
+    else first_block(std::false_type{});
+    const int last_block = prm.n_blocks - 1;
+    for (int j = 1; j < last_block; ++j) step(j, std::false_type{});
+    if (last_block > 0) {
+      if (ragged) step(last_block, std::true_type{});
+      else step(last_block, std::false_type{});
     }
 
     // the last P·V
@@ -437,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
     wgmma_fence();
     issue_pv(o, p, desc_v0 + last * kStepV);
     wgmma_commit();
-    if (consumer == 0) turn_pass(consumer);  // consumer 1's last hand-over would have no taker
+    if (consumer != kConsumers - 1) turn_pass(consumer);  // the last consumer's last hand-over would have no taker
     wgmma_wait<0>();
     fence_regs(o);
     fence_regs(p);
@@ -457,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
       const float inv = 1.f / l;
       const int row = q0 + 64 * consumer + row0 + 8 * half;
       if (row < S) {
-        __nv_bfloat16* dst = prm.out + (static_cast<long long>(b) * S + row) * row_bytes + h * kHeadDim +
+        __nv_bfloat16* dst = prm.out + (static_cast<long long>(b) * S + row) * out_row + h * kHeadDim +
                              2 * (t % 4);
 #pragma unroll
         for (int j = 0; j < kHeadDim / 8; ++j)
@@ -468,20 +563,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_int8_sm90_kernel(const 
   }
 }
 
-template <bool kFast>
+template <bool kFast, bool kInt8>
 int launch(const Params& prm, int batch, cudaStream_t stream) {
   static bool configured = false;  // the first call happens outside any graph capture (the engine warms up)
+  constexpr int kBytes = sizeof(Shared<kInt8>);
   if (!configured) {
-    cudaError_t err = cudaFuncSetAttribute(attention_int8_sm90_kernel<kFast>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(sizeof(Shared)));
+    cudaError_t err = cudaFuncSetAttribute(attention_sm90_kernel<kFast, kInt8>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
     if (err != cudaSuccess) return static_cast<int>(err);
     configured = true;
   }
   dim3 grid((prm.seq_len + kBlockM - 1) / kBlockM, batch * prm.heads);
-  attention_int8_sm90_kernel<kFast><<<grid, kThreads, sizeof(Shared), stream>>>(prm);
+  attention_sm90_kernel<kFast, kInt8><<<grid, kThreads, kBytes, stream>>>(prm);
   return static_cast<int>(cudaGetLastError());
 }
+
+constexpr float kQKScale = 1.4426950408889634f / 8.f;  // log2(e) / sqrt(64)
 
 }  // namespace
 
@@ -490,7 +587,18 @@ extern "C" int k4serve_attention_int8_sm90(const int8_t* q8, const int8_t* k8, c
                                             const float* k_scale, const void* v, long long v_stride, void* out,
                                             int batch, int seq_len, int heads, int n_blocks, int variant,
                                             cudaStream_t stream) {
-  const Params prm{q8, k8, q_scale, k_scale, static_cast<const __nv_bfloat16*>(v), static_cast<__nv_bfloat16*>(out),
-                   v_stride, seq_len, heads, n_blocks, 1.4426950408889634f / 8.f};
-  return variant ? launch<true>(prm, batch, stream) : launch<false>(prm, batch, stream);
+  const Params prm{reinterpret_cast<const uint8_t*>(q8), reinterpret_cast<const uint8_t*>(k8), q_scale, k_scale,
+                   static_cast<const __nv_bfloat16*>(v), static_cast<__nv_bfloat16*>(out),
+                   static_cast<long long>(heads) * kHeadDim, v_stride, seq_len, heads, n_blocks, kQKScale};
+  return variant ? launch<true, true>(prm, batch, stream) : launch<false, true>(prm, batch, stream);
+}
+
+// bf16 Q·Kᵀ: q, k, v are [B, S, H, 64] views whose rows lie qk_stride (q, k) and v_stride (v) elements apart
+extern "C" int k4serve_attention_bf16_sm90(const void* q, const void* k, const void* v, long long qk_stride,
+                                            long long v_stride, void* out, int batch, int seq_len, int heads,
+                                            int variant, cudaStream_t stream) {
+  const Params prm{static_cast<const uint8_t*>(q), static_cast<const uint8_t*>(k), nullptr, nullptr,
+                   static_cast<const __nv_bfloat16*>(v), static_cast<__nv_bfloat16*>(out), 2 * qk_stride, v_stride,
+                   seq_len, heads, (seq_len + kBlockN - 1) / kBlockN, kQKScale};
+  return variant ? launch<true, false>(prm, batch, stream) : launch<false, false>(prm, batch, stream);
 }
