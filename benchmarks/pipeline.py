@@ -11,6 +11,7 @@ while the GPU decodes the next). total = T5 + DiT + that. Engines:
   fast           `PipelineSettings(engine="fast")` with every other setting at the pipeline's defaults: the default
                  attention and linear kernels, the channels-last CUDA-graphed VAE, the default mp4 preset
   fast-official-mp4   the same with the official writer's x264 settings
+`--fast-attention NAME` runs the fast engines with that DiT attention instead of the default's.
 x0 and frame errors are relative L2 errors against the eager row's latents and uint8 frames for the same seed (the
 first engine given should be `eager`). Each engine is warmed up once, then timed `--repeat` times; medians are
 printed and appended to benchmarks/RESULTS.md, with the gap to the 3.0 s target per stage.
@@ -30,7 +31,7 @@ from results import append_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from k4serve.cli_options import parse_size
-from k4serve.engines.options import resolve_fast_options
+from k4serve.engines.options import ATTENTION, AUTO, resolve_fast_options
 from k4serve.pipelines.t2v import PipelineSettings, T2VPipeline
 from k4serve.pipelines.video_io import encode_mp4
 
@@ -74,9 +75,13 @@ def relative_error(x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor)
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def measure(name: str, height: int, width: int, seconds: int, repeat: int) -> dict:
-    """Build the engine's pipeline, warm it up (seed 0: the outputs compared across engines), time `repeat` runs."""
-    settings = PipelineSettings(preset="flash-512", device="cuda", **ENGINES[name])
+def measure(name: str, height: int, width: int, seconds: int, repeat: int, fast_attention: str) -> dict:
+    """Build the engine's pipeline, warm it up (seed 0: the outputs compared across engines), time `repeat` runs;
+    the fast engines' DiT attention is `fast_attention` (an ATTENTION option; auto: the default rule's)."""
+    fields = ENGINES[name]
+    if fields["engine"] == "fast":
+        fields = {**fields, "attention": fast_attention}
+    settings = PipelineSettings(preset="flash-512", device="cuda", **fields)
     pipeline = T2VPipeline.from_settings(settings)
     backends = [SDPBackend.FLASH_ATTENTION] if name == "eager" else ALL_SDPA
     _, latents, frames = run_once(pipeline, height, width, seconds, 0, backends)  # kernels, autotuning, graphs
@@ -104,6 +109,8 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=(384, 672))
     parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=["eager", "fast"])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--fast-attention", choices=ATTENTION, default=AUTO,
+                        help="the fast engines' DiT attention (default: auto, the bf16-level default on this host)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     height, width = args.size
@@ -111,7 +118,7 @@ def main() -> None:
     rows = []
     for name in args.engines:
         try:
-            rows.append(measure(name, height, width, args.seconds, args.repeat))
+            rows.append(measure(name, height, width, args.seconds, args.repeat, args.fast_attention))
         except Exception:  # one failing engine must not stop the others
             traceback.print_exc()
             rows.append({"label": f"{name}: failed (traceback above)"})

@@ -6,29 +6,28 @@
 //   - one CTA per 64·kConsumers query rows of one (sample, head): a producer warpgroup (it issues the cp.async
 //     copies of K and V tiles into a 3-stage ring, completion tracked by mbarriers, and keeps few registers:
 //     setmaxnreg) and kConsumers consumer warpgroups of 64 query rows each. Three consumers, not FA3's two at
-//     head_dim 128: at head_dim 64 the softmax's exp2s bound the loop, and a third warp per SM sub-partition hides
-//     their latency; four would leave fewer registers than S, P and O need.
+//     head_dim 128: a third warp per SM sub-partition hides the softmax's latency (two: 1.3x slower on an H100,
+//     benchmarks/RESULTS.md 2026-12-07); four would leave fewer registers than S, P and O need.
 //   - ping-pong: a consumer issues its tensor-core work (S_j = Q·K_jᵀ, then O += P_{j-1}·V_{j-1}) and hands the
 //     tensor cores to the next consumer through a named barrier, then runs block j's softmax while the others'
 //     MMAs run. (The source waits for S_j alone before the softmax, FA3's intra-warpgroup overlap, but ptxas 13.0
 //     schedules the wait for P·V_{j-1} ahead of the softmax anyway.)
 //   - int8: S accumulates exactly in int32 (|s| <= 64·127² < 2^22) and becomes fp32 by an integer add of the bits of
 //     1.5·2^23 (no I2F); the bias folds into the per-row constant that the softmax subtracts.
-//   - one in kPolyEvery of a block's exp2s runs on the FMA pipe as a polynomial (FlashAttention-4's offload), the
-//     rest on the MUFU, whose 16 results per clock and SM bound a head_dim-64 softmax.
 //   - the `fast` variant (kFast) also takes two jobs off the issue slots: the row sums come from the tensor cores
 //     (V's tile carries an extra 8 columns of ones, so P·V's column 64 is Σ p), and the running max is only moved
 //     when a row's max grows by more than 2^8 (FlashAttention-4's lazy rescaling: p <= 256 stays exact enough in
 //     bf16 and fp32), so most blocks skip the O rescale and its exp2.
 // Shared-memory tiles use the no-swizzle ("interleave") canonical wgmma layouts: core matrices of 8 rows x 16 bytes,
-// the 16-byte units of a row one unit stride (rows x 16 bytes) apart:
-//   Q, K (K-major): byte (row, b) of a row's bytes at row*16 + (b/16)*(rows*16) + b%16   LBO = rows*16, SBO = 128
-//   V (N-major):    (token t, dim d) at t*16 + (d/8)*2048 + (d%8)*2 bytes                LBO = 128,     SBO = 2048
+// the 16-byte units of a row one unit stride (rows x 16 bytes + a pad) apart:
+//   Q, K (K-major): byte (row, b) of a row's bytes at row*16 + (b/16)*unit_stride + b%16   LBO = unit_stride, SBO = 128
+//   V (N-major):    (token t, dim d) at t*16 + (d/8)*unit_stride + (d%8)*2 bytes         LBO = 128, SBO = unit_stride
 //                   (dims 64..71: the constant ones of the fast variant)
-// cp.async writes them in 16-byte chunks, each quarter-warp (the 8 lanes a 16-byte access serves at once) 4 rows x 32
-// bytes: one whole L2 sector per row. (8 rows x 16 bytes, half a sector each, had every sector fetched twice: ncu on
-// an H100, benchmarks/RESULTS.md 2026-12-07.) The shared writes stay 2-way conflicted: the two units of a row lie a
-// multiple of 128 bytes apart.
+// cp.async writes them in 16-byte chunks, each quarter-warp (the 8 lanes a 16-byte access serves at once) 128
+// contiguous bytes of global memory: one bf16 row, two int8 rows. The pad (128 bytes / units per row) puts that
+// quarter-warp's 8 chunks in distinct banks. (Quarter-warps of 8 rows x 16 bytes or 4 rows x 32 bytes into unpadded
+// tiles had every L2 sector requested twice and every chunk written in a wavefront of its own: ncu on an H100,
+// benchmarks/RESULTS.md 2026-12-07; without the copies the kernel ran 1.6x faster.)
 // Built at first use by k4serve/kernels/attention_sm90.py (nvcc -gencode=arch=compute_90a,code=sm_90a).
 
 #include <cuda_bf16.h>
@@ -58,10 +57,16 @@ constexpr int kVUnits = kHeadDim / 8 + 1;  // 16-byte units of a V row in shared
 
 template <bool kInt8>
 struct __align__(128) Shared {
-  static constexpr int kQKBytes = kInt8 ? 1 : 2;  // bytes per Q / K element
-  uint8_t q[kBlockM * kHeadDim * kQKBytes];       // one 64-row tile per consumer
-  uint8_t k[kStages][kBlockN * kHeadDim * kQKBytes];
-  __nv_bfloat16 v[kStages][kBlockN * 8 * kVUnits];
+  static constexpr int kQKBytes = kInt8 ? 1 : 2;               // bytes per Q / K element
+  static constexpr int kQKUnits = kHeadDim * kQKBytes / 16;    // 16-byte units of a Q / K row: 4 (int8) or 8 (bf16)
+  static constexpr int kQKPad = 128 / kQKUnits;                // see the header
+  static constexpr int kQUnitStride = 64 * 16 + kQKPad;        // one consumer's 64-row Q tile
+  static constexpr int kKUnitStride = kBlockN * 16 + kQKPad;
+  static constexpr int kVUnitStride = kBlockN * 16 + 16;
+  static constexpr int kQTile = kQKUnits * kQUnitStride;       // bytes of one consumer's Q tile
+  uint8_t q[kConsumers * kQTile];
+  uint8_t k[kStages][kQKUnits * kKUnitStride];
+  uint8_t v[kStages][kVUnits * kVUnitStride];
   uint64_t q_full;
   uint64_t full[kStages];   // producer -> consumers: the stage's K and V landed
   uint64_t empty[kStages];  // consumers -> producer: the stage may be overwritten
@@ -230,17 +235,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-// 2^x on the FMA pipe (FlashAttention-4's offload of the exp2 unit): 2^floor(x) by the exponent bits, 2^frac by
-// a degree-3 polynomial (max. relative error 8.6e-5, far below bf16's 3.9e-3); x >= -127 keeps the exponent valid
-constexpr int kPolyEvery = 4;  // one in kPolyEvery 8-column groups of a block's scores takes this path (0: none)
-__device__ __forceinline__ float exp2_poly(float x) {
-  x = fmaxf(x, -127.f);
-  const float t = __fadd_rd(x, 12582912.f);  // 1.5 * 2^23 + floor(x): floor(x) in the low mantissa bits
-  const float f = x - (t - 12582912.f);      // [0, 1)
-  const float p = __fmaf_rn(__fmaf_rn(__fmaf_rn(0.07706618f, f, 0.22764593f), f, 0.69511658f), f, 1.f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -316,8 +310,7 @@ __device__ __forceinline__ bool softmax_block(uint32_t (&s)[64], RowState& st, f
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = f[4 * j + 2 * half + e];
-        const float arg = __fmaf_rn(x, rs[half], -shift);
-        x = kPolyEvery > 0 && j % kPolyEvery == kPolyEvery - 1 ? exp2_poly(arg) : exp2_approx(arg);
+        x = exp2_approx(__fmaf_rn(x, rs[half], -shift));
         if (!kFast) sum += x;  // the fast variant sums on the tensor cores
       }
     }
@@ -351,10 +344,12 @@ __device__ __forceinline__ void issue_pv(float (&o)[N], const uint32_t (&p)[32],
 
 template <bool kInt8>
 __device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k) {
-  constexpr int kSteps = kHeadDim * (kInt8 ? 1 : 2) / 32;  // 32 bytes of each row per step: two 16-byte units
+  using Layout = Shared<kInt8>;
+  constexpr int kSteps = Layout::kQKUnits / 2;  // 32 bytes of each row per step: two 16-byte units
 #pragma unroll
   for (int kstep = 0; kstep < kSteps; ++kstep) {
-    const uint64_t q = desc_q + kstep * (2 * 1024 >> 4), k = desc_k + kstep * (2 * 2048 >> 4);
+    const uint64_t q = desc_q + kstep * (2 * Layout::kQUnitStride >> 4);
+    const uint64_t k = desc_k + kstep * (2 * Layout::kKUnitStride >> 4);
     if (kInt8) wgmma_qk_s8(s, q, k, kstep);
     else wgmma_qk_bf16(s, q, k, kstep);
   }
@@ -363,9 +358,9 @@ __device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uin
 template <bool kFast, bool kInt8>
 __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Params prm) {
   constexpr int kOut = kFast ? 36 : 32;  // O accumulator registers (fast: + the row-sum columns)
-  constexpr int kQKBytes = Shared<kInt8>::kQKBytes;
-  constexpr int kQKUnits = kHeadDim * kQKBytes / 16;  // 16-byte units of a Q / K row: 4 (int8) or 8 (bf16)
-  constexpr int kQTile = 64 * kHeadDim * kQKBytes;    // bytes of one consumer's Q tile
+  using Layout = Shared<kInt8>;
+  constexpr int kQKUnits = Layout::kQKUnits;
+  constexpr int kQKRows = 32 / kQKUnits;  // rows of a Q / K tile one warp copies per instruction (see the header)
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Shared<kInt8>& sh = *reinterpret_cast<Shared<kInt8>*>(smem_raw);
   const int tid = threadIdx.x;
@@ -387,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
   if (kFast) {  // the ones unit of every V stage, read by the tensor cores: a generic write, then the proxy fence
     const uint4 ones = make_uint4(0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u);  // bf16 1.0 x 8
     for (int i = tid; i < kStages * kBlockN; i += kThreads) {
-      uint8_t* unit = reinterpret_cast<uint8_t*>(sh.v[i / kBlockN]) + (i % kBlockN) * 16 + (kVUnits - 1) * 2048;
+      uint8_t* unit = sh.v[i / kBlockN] + (i % kBlockN) * 16 + (kVUnits - 1) * Layout::kVUnitStride;
       *reinterpret_cast<uint4*>(unit) = ones;
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -396,25 +391,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
 
   if (warpgroup == 0) {
     // ===== producer =====
-    // All four warps copy (one per SM sub-partition, so no scheduler carries the whole producer's issue load).
-    // Warp w copies rows 32w..32w+31 of each 128-row K / V tile, 8 rows x 64 bytes per instruction (a bf16 row's
-    // 128 bytes in two): lane l takes row 4*(l/16) + (l%8)/2 of the 8 and unit 2*((l/8)%2) + l%2 of the 64 bytes,
-    // so a quarter-warp copies 4 rows x 32 bytes (see the header).
+    // All four warps copy (one per SM sub-partition, so no scheduler carries the whole producer's issue load), rows
+    // interleaved: per instruction warp w copies kQKRows rows of Q / K (lane l: unit l % kQKUnits of row
+    // l / kQKUnits) and 4 rows of V (lane l: unit l % 8 of row l / 8), each quarter-warp 128 contiguous bytes.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
-    const int warp_row = 4 * (lane / 16) + (lane % 8) / 2, unit = 2 * ((lane / 8) % 2) + lane % 2;
-    const int sub_row = 32 * (tid / 32) + warp_row;
-    const long long head_offset = static_cast<long long>(b) * S * prm.qk_row_bytes + h * kHeadDim * kQKBytes;
+    const int warp = tid / 32;
+    const int qk_row = lane / kQKUnits, qk_unit = lane % kQKUnits, v_row = lane / 8, v_unit = lane % 8;
+    const long long head_offset = static_cast<long long>(b) * S * prm.qk_row_bytes + h * kHeadDim * Layout::kQKBytes;
     const uint8_t* q_src = prm.q + head_offset;
 #pragma unroll
-    for (int i = 0; i < kBlockM / 32; ++i) {
-      const int row = 8 * (4 * i + tid / 32) + warp_row;
+    for (int i = 0; i < kBlockM / (4 * kQKRows); ++i) {
+      const int row = kQKRows * (4 * i + warp) + qk_row;
       const bool valid = q0 + row < S;
-#pragma unroll
-      for (int half = 0; half < kQKUnits / 4; ++half) {  // bf16: a row's 128 bytes, chunks unit and unit + 4
-        const int chunk = unit + 4 * half;
-        const uint32_t dst = smem_u32(sh.q) + (row / 64) * kQTile + (row % 64) * 16 + chunk * 1024;
-        cp_async16(dst, q_src + (valid ? (q0 + row) * prm.qk_row_bytes : 0) + chunk * 16, valid);
-      }
+      const uint32_t dst =
+          smem_u32(sh.q) + (row / 64) * Layout::kQTile + (row % 64) * 16 + qk_unit * Layout::kQUnitStride;
+      cp_async16(dst, q_src + (valid ? (q0 + row) * prm.qk_row_bytes : 0) + qk_unit * 16, valid);
     }
     cp_async_arrive(&sh.q_full);
     const uint8_t* k_src = prm.k + head_offset;
@@ -425,21 +416,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
       const int kv0 = j * kBlockN;
       const uint32_t k_dst = smem_u32(sh.k[stage]), v_dst = smem_u32(sh.v[stage]);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = sub_row + 8 * i;
+      for (int i = 0; i < kBlockN / (4 * kQKRows); ++i) {
+        const int row = kQKRows * (4 * i + warp) + qk_row;
         const bool valid = kv0 + row < S;
+        cp_async16(k_dst + row * 16 + qk_unit * Layout::kKUnitStride,
+                   k_src + (valid ? (kv0 + row) * prm.qk_row_bytes : 0) + qk_unit * 16, valid);
+      }
 #pragma unroll
-        for (int half = 0; half < kQKUnits / 4; ++half) {
-          const int chunk = unit + 4 * half;
-          cp_async16(k_dst + row * 16 + chunk * 2048, k_src + (valid ? (kv0 + row) * prm.qk_row_bytes : 0) + chunk * 16,
-                     valid);
-        }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {  // a token's 128 bytes of V: chunks unit and unit + 4
-          const int chunk = unit + 4 * half;
-          cp_async16(v_dst + row * 16 + chunk * 2048, v_src + (valid ? (kv0 + row) * prm.v_stride : 0) + chunk * 8,
-                     valid);
-        }
+      for (int i = 0; i < kBlockN / 16; ++i) {
+        const int row = 4 * (4 * i + warp) + v_row;
+        const bool valid = kv0 + row < S;
+        cp_async16(v_dst + row * 16 + v_unit * Layout::kVUnitStride,
+                   v_src + (valid ? (kv0 + row) * prm.v_stride : 0) + v_unit * 8, valid);
       }
       cp_async_arrive(&sh.full[stage]);
     }
@@ -451,9 +439,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
     const int consumer = warpgroup - 1;
     const int t = tid % 128;
     const int row0 = 16 * (t / 32) + (t % 32) / 4;  // rows row0 and row0 + 8 of this consumer's 64
-    const uint64_t desc_q = smem_desc(smem_u32(sh.q) + consumer * kQTile, 1024, 128);
-    const uint64_t desc_k0 = smem_desc(smem_u32(sh.k[0]), 2048, 128);
-    const uint64_t desc_v0 = smem_desc(smem_u32(sh.v[0]), 128, 2048);
+    const uint64_t desc_q = smem_desc(smem_u32(sh.q) + consumer * Layout::kQTile, Layout::kQUnitStride, 128);
+    const uint64_t desc_k0 = smem_desc(smem_u32(sh.k[0]), Layout::kKUnitStride, 128);
+    const uint64_t desc_v0 = smem_desc(smem_u32(sh.v[0]), 128, Layout::kVUnitStride);
     constexpr uint32_t kStepK = sizeof(sh.k[0]) >> 4, kStepV = sizeof(sh.v[0]) >> 4;  // one stage, in 16 bytes
     const float* k_scale = kInt8 ? prm.k_scale + static_cast<long long>(bh) * prm.n_blocks : nullptr;
 
