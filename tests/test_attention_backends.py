@@ -242,7 +242,7 @@ def test_cuda_kernel_compiles_to_hopper_tensor_core_code_without_spills(tmp_path
     assert "C7518" not in report  # wgmmas serialized (a branch writing the accumulators: the ragged block's mask)
     sass = subprocess.run([str(cuobjdump), "--dump-sass", str(library)], capture_output=True, text=True).stdout
     for instruction in ("IGMMA.64x128x32.S8.S8", "HGMMA.64x128x16.F32.BF16", "HGMMA.64x64x16.F32.BF16",
-                        "HGMMA.64x72x16.F32.BF16", "USETMAXREG", "LDGSTS"):  # fmt: skip
+                        "HGMMA.64x72x16.F32.BF16", "USETMAXREG", "UTMALDG.5D"):  # fmt: skip
         assert instruction in sass, instruction
     assert not re.search(r"\b(LDL|STL)\b", sass), "local memory in the kernel"
 

@@ -3,11 +3,11 @@
 //   - bf16 (engine option `cuda`): Q·Kᵀ and P·V in bf16 on the tensor cores, fp32 softmax and accumulation;
 //   - int8 (`cuda-int8`): the triton-int8 recipe, int8 Q·Kᵀ with smoothed K and per-row / per-block scales.
 // The schedule:
-//   - one CTA per 64·kConsumers query rows of one (sample, head): a producer warpgroup (it issues the cp.async
+//   - one CTA per 64·kConsumers query rows of one (sample, head): a producer warpgroup (one thread issues the TMA
 //     copies of K and V tiles into a 3-stage ring, completion tracked by mbarriers, and keeps few registers:
 //     setmaxnreg) and kConsumers consumer warpgroups of 64 query rows each. Three consumers, not FA3's two at
-//     head_dim 128: a third warp per SM sub-partition hides the softmax's latency (two: 1.3x slower on an H100,
-//     benchmarks/RESULTS.md 2026-12-07); four would leave fewer registers than S, P and O need.
+//     head_dim 128: at head_dim 64 the softmax's exp2s bound the loop, and a third warp per SM sub-partition hides
+//     their latency; four would leave fewer registers than S, P and O need.
 //   - ping-pong: a consumer issues its tensor-core work (S_j = Q·K_jᵀ, then O += P_{j-1}·V_{j-1}) and hands the
 //     tensor cores to the next consumer through a named barrier, then runs block j's softmax while the others'
 //     MMAs run. (The source waits for S_j alone before the softmax, FA3's intra-warpgroup overlap, but ptxas 13.0
@@ -19,17 +19,18 @@
 //     when a row's max grows by more than 2^8 (FlashAttention-4's lazy rescaling: p <= 256 stays exact enough in
 //     bf16 and fp32), so most blocks skip the O rescale and its exp2.
 // Shared-memory tiles use the no-swizzle ("interleave") canonical wgmma layouts: core matrices of 8 rows x 16 bytes,
-// the 16-byte units of a row one unit stride (rows x 16 bytes + a pad) apart:
+// the 16-byte units of a row one unit stride (rows x 16 bytes) apart:
 //   Q, K (K-major): byte (row, b) of a row's bytes at row*16 + (b/16)*unit_stride + b%16   LBO = unit_stride, SBO = 128
 //   V (N-major):    (token t, dim d) at t*16 + (d/8)*unit_stride + (d%8)*2 bytes         LBO = 128, SBO = unit_stride
 //                   (dims 64..71: the constant ones of the fast variant)
-// cp.async writes them in 16-byte chunks, each quarter-warp (the 8 lanes a 16-byte access serves at once) 128
-// contiguous bytes of global memory: one bf16 row, two int8 rows. The pad (128 bytes / units per row) puts that
-// quarter-warp's 8 chunks in distinct banks. (Quarter-warps of 8 rows x 16 bytes or 4 rows x 32 bytes into unpadded
-// tiles had every L2 sector requested twice and every chunk written in a wavefront of its own: ncu on an H100,
-// benchmarks/RESULTS.md 2026-12-07; without the copies the kernel ran 1.6x faster.)
+// The Tensor Memory Accelerator writes them: each tensor is mapped as 5-d (element of a unit, token, unit, head,
+// sample), so a box {unit, rows, units, 1, 1} lands in exactly this layout, rows past the sequence zero-filled.
+// (cp.async had every L2 sector requested twice and every 16-byte chunk written in a wavefront of its own, whatever
+// the lane pattern: ncu on an H100, benchmarks/RESULTS.md 2026-12-07; without the copies the kernel ran 1.6x faster.)
 // Built at first use by k4serve/kernels/attention_sm90.py (nvcc -gencode=arch=compute_90a,code=sm_90a).
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -59,10 +60,9 @@ template <bool kInt8>
 struct __align__(128) Shared {
   static constexpr int kQKBytes = kInt8 ? 1 : 2;               // bytes per Q / K element
   static constexpr int kQKUnits = kHeadDim * kQKBytes / 16;    // 16-byte units of a Q / K row: 4 (int8) or 8 (bf16)
-  static constexpr int kQKPad = 128 / kQKUnits;                // see the header
-  static constexpr int kQUnitStride = 64 * 16 + kQKPad;        // one consumer's 64-row Q tile
-  static constexpr int kKUnitStride = kBlockN * 16 + kQKPad;
-  static constexpr int kVUnitStride = kBlockN * 16 + 16;
+  static constexpr int kQUnitStride = 64 * 16;                 // one consumer's 64-row Q tile
+  static constexpr int kKUnitStride = kBlockN * 16;
+  static constexpr int kVUnitStride = kBlockN * 16;
   static constexpr int kQTile = kQKUnits * kQUnitStride;       // bytes of one consumer's Q tile
   uint8_t q[kConsumers * kQTile];
   uint8_t k[kStages][kQKUnits * kKUnitStride];
@@ -76,7 +76,7 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// ---- mbarriers and cp.async ----
+// ---- mbarriers ----
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
@@ -98,15 +98,20 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-// 16 bytes global -> shared; rows past the sequence are zero-filled without reading (src-size 0)
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
+// ---- TMA ----
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
 }
 
-// one arrival on `bar` once all of this thread's earlier cp.async copies have landed
-__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
+// box {units' elements, rows, units, 1, 1} of a 5-d map (element, token, unit, head, sample) at (token, head, b)
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int token, int head, int b,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], "
+      "[%7];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(0), "r"(token), "r"(0), "r"(head), "r"(b), "r"(smem_u32(bar))
+      : "memory");
 }
 
 // ---- named barriers: the consumers take turns on the tensor cores, in a ring (consumer c hands them to c + 1) ----
@@ -241,6 +246,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 struct Params {
+  CUtensorMap q_map, k_map, v_map;  // Q, K, V as (element, token, unit, head, sample): boxes land in the layouts above
   const uint8_t* q;       // [B, S, H, 64] rows of qk_row_bytes: int8 (packed: [B*S, H*64]) or a bf16 view
   const uint8_t* k;       // the same layout; int8: smoothed
   const float* q_scale;   // int8: [B, H, S]
@@ -356,11 +362,10 @@ __device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uin
 }
 
 template <bool kFast, bool kInt8>
-__global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Params prm) {
+__global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const __grid_constant__ Params prm) {
   constexpr int kOut = kFast ? 36 : 32;  // O accumulator registers (fast: + the row-sum columns)
   using Layout = Shared<kInt8>;
   constexpr int kQKUnits = Layout::kQKUnits;
-  constexpr int kQKRows = 32 / kQKUnits;  // rows of a Q / K tile one warp copies per instruction (see the header)
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Shared<kInt8>& sh = *reinterpret_cast<Shared<kInt8>*>(smem_raw);
   const int tid = threadIdx.x;
@@ -373,9 +378,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
   const long long out_row = static_cast<long long>(prm.heads) * kHeadDim;  // elements per output row
 
   if (tid == 0) {
-    mbar_init(&sh.q_full, kProducerThreads);
+    mbar_init(&sh.q_full, 1);
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(&sh.full[i], kProducerThreads);
+      mbar_init(&sh.full[i], 1);
       mbar_init(&sh.empty[i], kConsumerThreads);
     }
   }
@@ -391,48 +396,23 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
 
   if (warpgroup == 0) {
     // ===== producer =====
-    // All four warps copy (one per SM sub-partition, so no scheduler carries the whole producer's issue load), rows
-    // interleaved: per instruction warp w copies kQKRows rows of Q / K (lane l: unit l % kQKUnits of row
-    // l / kQKUnits) and 4 rows of V (lane l: unit l % 8 of row l / 8), each quarter-warp 128 contiguous bytes.
+    // One thread issues every copy: a TMA box per consumer's Q tile, one per K and one per V tile.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
-    const int warp = tid / 32;
-    const int qk_row = lane / kQKUnits, qk_unit = lane % kQKUnits, v_row = lane / 8, v_unit = lane % 8;
-    const long long head_offset = static_cast<long long>(b) * S * prm.qk_row_bytes + h * kHeadDim * Layout::kQKBytes;
-    const uint8_t* q_src = prm.q + head_offset;
-#pragma unroll
-    for (int i = 0; i < kBlockM / (4 * kQKRows); ++i) {
-      const int row = kQKRows * (4 * i + warp) + qk_row;
-      const bool valid = q0 + row < S;
-      const uint32_t dst =
-          smem_u32(sh.q) + (row / 64) * Layout::kQTile + (row % 64) * 16 + qk_unit * Layout::kQUnitStride;
-      cp_async16(dst, q_src + (valid ? (q0 + row) * prm.qk_row_bytes : 0) + qk_unit * 16, valid);
-    }
-    cp_async_arrive(&sh.q_full);
-    const uint8_t* k_src = prm.k + head_offset;
-    const __nv_bfloat16* v_src = prm.v + static_cast<long long>(b) * S * prm.v_stride + h * kHeadDim;
-    for (int j = 0; j < prm.n_blocks; ++j) {
-      const int stage = j % kStages;
-      mbar_wait(&sh.empty[stage], ((j / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1
-      const int kv0 = j * kBlockN;
-      const uint32_t k_dst = smem_u32(sh.k[stage]), v_dst = smem_u32(sh.v[stage]);
-#pragma unroll
-      for (int i = 0; i < kBlockN / (4 * kQKRows); ++i) {
-        const int row = kQKRows * (4 * i + warp) + qk_row;
-        const bool valid = kv0 + row < S;
-        cp_async16(k_dst + row * 16 + qk_unit * Layout::kKUnitStride,
-                   k_src + (valid ? (kv0 + row) * prm.qk_row_bytes : 0) + qk_unit * 16, valid);
+    if (tid == 0) {
+      constexpr uint32_t kQBytes = 64 * 16 * kQKUnits, kKBytes = kBlockN * 16 * kQKUnits, kVBytes = kBlockN * 128;
+      mbar_expect_tx(&sh.q_full, kConsumers * kQBytes);
+      for (int c = 0; c < kConsumers; ++c)
+        tma_load(smem_u32(sh.q) + c * Layout::kQTile, &prm.q_map, q0 + 64 * c, h, b, &sh.q_full);
+      for (int j = 0; j < prm.n_blocks; ++j) {
+        const int stage = j % kStages;
+        mbar_wait(&sh.empty[stage], ((j / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1
+        mbar_expect_tx(&sh.full[stage], kKBytes + kVBytes);
+        tma_load(smem_u32(sh.k[stage]), &prm.k_map, j * kBlockN, h, b, &sh.full[stage]);
+        tma_load(smem_u32(sh.v[stage]), &prm.v_map, j * kBlockN, h, b, &sh.full[stage]);
       }
-#pragma unroll
-      for (int i = 0; i < kBlockN / 16; ++i) {
-        const int row = 4 * (4 * i + warp) + v_row;
-        const bool valid = kv0 + row < S;
-        cp_async16(v_dst + row * 16 + v_unit * Layout::kVUnitStride,
-                   v_src + (valid ? (kv0 + row) * prm.v_stride : 0) + v_unit * 8, valid);
-      }
-      cp_async_arrive(&sh.full[stage]);
+      for (int j = prm.n_blocks; j < prm.n_blocks + kStages; ++j)  // stay until the consumers are done
+        mbar_wait(&sh.empty[j % kStages], ((j / kStages) & 1) ^ 1);
     }
-    for (int j = prm.n_blocks; j < prm.n_blocks + kStages; ++j)  // stay until the consumers are done
-      mbar_wait(&sh.empty[j % kStages], ((j / kStages) & 1) ^ 1);
   } else {
     // ===== consumers =====
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
@@ -471,7 +451,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
     auto first_block = [&](auto masked) {  // block 0: scores and softmax only
       mbar_wait(&sh.full[0], 0);
       turn_wait(consumer);
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       wgmma_fence();
       issue_qk<kInt8>(s, desc_q, desc_k0);
       wgmma_commit();
@@ -486,7 +465,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
       const float block_scale = kInt8 ? k_scale[j] : 1.f;
       mbar_wait(&sh.full[stage], (j / kStages) & 1);
       turn_wait(consumer);
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       wgmma_fence();
       issue_qk<kInt8>(s, desc_q, desc_k0 + stage * kStepK);
       wgmma_commit();
@@ -551,8 +529,38 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const Param
   }
 }
 
+// (element, token, unit, head, sample) view of [B, S, H, 64] rows of row_bytes, box {unit, rows, units, 1, 1}
+int encode_map(CUtensorMap* map, const void* base, bool int8, long long row_bytes, int batch, int seq_len,
+               int heads, int rows) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (encode == nullptr) {
+    cudaDriverEntryPointQueryResult found;
+    cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode),
+                                                       12000, cudaEnableDefault, &found);
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) return err != cudaSuccess ? err : 500;
+  }
+  const int elem = int8 ? 1 : 2, units = kHeadDim * elem / 16;
+  const cuuint64_t dims[5] = {static_cast<cuuint64_t>(16 / elem), static_cast<cuuint64_t>(seq_len),
+                              static_cast<cuuint64_t>(units), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[4] = {static_cast<cuuint64_t>(row_bytes), 16, static_cast<cuuint64_t>(kHeadDim * elem),
+                                 static_cast<cuuint64_t>(row_bytes) * seq_len};
+  const cuuint32_t box[5] = {static_cast<cuuint32_t>(16 / elem), static_cast<cuuint32_t>(rows),
+                             static_cast<cuuint32_t>(units), 1, 1};
+  const cuuint32_t ones[5] = {1, 1, 1, 1, 1};
+  CUresult r = encode(map, int8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 5,
+                      const_cast<void*>(base), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : 1000 + static_cast<int>(r);
+}
+
 template <bool kFast, bool kInt8>
-int launch(const Params& prm, int batch, cudaStream_t stream) {
+int launch(Params& prm, int batch, cudaStream_t stream) {
+  int err = encode_map(&prm.q_map, prm.q, kInt8, prm.qk_row_bytes, batch, prm.seq_len, prm.heads, 64);
+  if (!err) err = encode_map(&prm.k_map, prm.k, kInt8, prm.qk_row_bytes, batch, prm.seq_len, prm.heads, kBlockN);
+  if (!err) err = encode_map(&prm.v_map, prm.v, false, 2 * prm.v_stride, batch, prm.seq_len, prm.heads, kBlockN);
+  if (err) return err;
   static bool configured = false;  // the first call happens outside any graph capture (the engine warms up)
   constexpr int kBytes = sizeof(Shared<kInt8>);
   if (!configured) {
@@ -575,7 +583,7 @@ extern "C" int k4serve_attention_int8_sm90(const int8_t* q8, const int8_t* k8, c
                                             const float* k_scale, const void* v, long long v_stride, void* out,
                                             int batch, int seq_len, int heads, int n_blocks, int variant,
                                             cudaStream_t stream) {
-  const Params prm{reinterpret_cast<const uint8_t*>(q8), reinterpret_cast<const uint8_t*>(k8), q_scale, k_scale,
+  Params prm{{}, {}, {}, reinterpret_cast<const uint8_t*>(q8), reinterpret_cast<const uint8_t*>(k8), q_scale, k_scale,
                    static_cast<const __nv_bfloat16*>(v), static_cast<__nv_bfloat16*>(out),
                    static_cast<long long>(heads) * kHeadDim, v_stride, seq_len, heads, n_blocks, kQKScale};
   return variant ? launch<true, true>(prm, batch, stream) : launch<false, true>(prm, batch, stream);
@@ -585,7 +593,7 @@ extern "C" int k4serve_attention_int8_sm90(const int8_t* q8, const int8_t* k8, c
 extern "C" int k4serve_attention_bf16_sm90(const void* q, const void* k, const void* v, long long qk_stride,
                                             long long v_stride, void* out, int batch, int seq_len, int heads,
                                             int variant, cudaStream_t stream) {
-  const Params prm{static_cast<const uint8_t*>(q), static_cast<const uint8_t*>(k), nullptr, nullptr,
+  Params prm{{}, {}, {}, static_cast<const uint8_t*>(q), static_cast<const uint8_t*>(k), nullptr, nullptr,
                    static_cast<const __nv_bfloat16*>(v), static_cast<__nv_bfloat16*>(out), 2 * qk_stride, v_stride,
                    seq_len, heads, (seq_len + kBlockN - 1) / kBlockN, kQKScale};
   return variant ? launch<true, false>(prm, batch, stream) : launch<false, false>(prm, batch, stream);
