@@ -6,8 +6,8 @@
 //   - one CTA per 64·kConsumers query rows of one (sample, head): a producer warpgroup (one thread issues the TMA
 //     copies of K and V tiles into a 3-stage ring, completion tracked by mbarriers, and keeps few registers:
 //     setmaxnreg) and kConsumers consumer warpgroups of 64 query rows each. Three consumers, not FA3's two at
-//     head_dim 128: at head_dim 64 the softmax's exp2s bound the loop, and a third warp per SM sub-partition hides
-//     their latency; four would leave fewer registers than S, P and O need.
+//     head_dim 128: a third warp per SM sub-partition hides the softmax's latency (two: 1.3x slower on an H100,
+//     benchmarks/RESULTS.md 2026-12-07); four would leave fewer registers than S, P and O need.
 //   - ping-pong: a consumer issues its tensor-core work (S_j = Q·K_jᵀ, then O += P_{j-1}·V_{j-1}) and hands the
 //     tensor cores to the next consumer through a named barrier, then runs block j's softmax while the others'
 //     MMAs run. (The source waits for S_j alone before the softmax, FA3's intra-warpgroup overlap, but ptxas 13.0
@@ -529,7 +529,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_sm90_kernel(const __gri
   }
 }
 
-// (element, token, unit, head, sample) view of [B, S, H, 64] rows of row_bytes, box {unit, rows, units, 1, 1}
+// Error codes of the entry points beyond CUDA's: kTensorMapError + the CUresult of cuTensorMapEncodeTiled (+ 0: the
+// driver has no such entry point)
+constexpr int kTensorMapError = 1000;
+
+// (element, token, unit, head, sample) view of [B, S, H, 64] rows of row_bytes, box {unit, rows, units, 1, 1}.
+// Encoded on the host at every launch (microseconds); a CUDA graph keeps the captured parameters, maps included.
 int encode_map(CUtensorMap* map, const void* base, bool int8, long long row_bytes, int batch, int seq_len,
                int heads, int rows) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
@@ -537,7 +542,8 @@ int encode_map(CUtensorMap* map, const void* base, bool int8, long long row_byte
     cudaDriverEntryPointQueryResult found;
     cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode),
                                                        12000, cudaEnableDefault, &found);
-    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) return err != cudaSuccess ? err : 500;
+    if (err != cudaSuccess) return err;
+    if (found != cudaDriverEntryPointSuccess) return kTensorMapError;
   }
   const int elem = int8 ? 1 : 2, units = kHeadDim * elem / 16;
   const cuuint64_t dims[5] = {static_cast<cuuint64_t>(16 / elem), static_cast<cuuint64_t>(seq_len),
@@ -552,7 +558,7 @@ int encode_map(CUtensorMap* map, const void* base, bool int8, long long row_byte
                       const_cast<void*>(base), dims, strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
                       CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? 0 : 1000 + static_cast<int>(r);
+  return r == CUDA_SUCCESS ? 0 : kTensorMapError + static_cast<int>(r);
 }
 
 template <bool kFast, bool kInt8>

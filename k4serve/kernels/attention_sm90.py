@@ -96,7 +96,12 @@ def _check_view(name: str, t: Tensor) -> None:
                          f"strides {t.stride()}")  # fmt: skip
 
 
+TENSOR_MAP_ERROR = 1000  # the kernel source's kTensorMapError: + the CUresult of cuTensorMapEncodeTiled
+
+
 def _launched(error: int, option: str) -> None:
+    if error >= TENSOR_MAP_ERROR:
+        raise RuntimeError(f"{option}: the TMA tensor map could not be encoded (CUresult {error - TENSOR_MAP_ERROR})")
     if error:
         raise RuntimeError(f"{option} kernel launch failed: CUDA error {error}")
 
