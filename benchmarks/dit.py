@@ -100,7 +100,9 @@ def kernel_breakdown(engine: FastDiT, x: torch.Tensor, text: torch.Tensor, time_
             continue
         name = event.key.lower()
         family = next((f for f in ("qk_norm_rope", "norm_modulate", "gelu_quant") if f in name), None)
-        if family is None and any(tag in name for tag in ("_attention_kernel", "flash", "fmha", "sdpa", "cudnn")):
+        if family is None and any(
+            tag in name for tag in ("_attention_kernel", "attention_sm90", "flash", "fmha", "sdpa", "cudnn")
+        ):
             family = "attention"
         if family is None and any(tag in name for tag in ("gemm", "nvjet", "cutlass", "xmma")):
             family = "gemm"

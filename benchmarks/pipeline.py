@@ -109,8 +109,12 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=(384, 672))
     parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=["eager", "fast"])
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--fast-attention", choices=ATTENTION, default=AUTO,
-                        help="the fast engines' DiT attention (default: auto, the bf16-level default on this host)")
+    parser.add_argument(
+        "--fast-attention",
+        choices=ATTENTION,
+        default=AUTO,
+        help="the fast engines' DiT attention (default: auto, the bf16-level default on this host)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     height, width = args.size

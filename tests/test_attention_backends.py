@@ -6,6 +6,7 @@ broken); the library backends (FlashAttention-4, cuDNN) need a Hopper GPU and th
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -175,10 +176,22 @@ def test_int8_recipe_at_the_dit_distribution_and_full_shape():
 # ---- the rule that picks `fast`'s default ----
 
 
-def test_recorded_tables_pick_fa4_with_bf16_linears_and_fall_back_to_triton():
+def test_recorded_tables_pick_cuda_with_bf16_linears_then_fa4_then_triton():
     table, dit = options.recorded_attention_table(), options.DIT_TABLE
-    assert options.choose_fast_default(table, dit) == ("fa4", "bf16")
-    assert options.choose_fast_default(table, dit, runs_here=lambda name: name != "fa4") == ("triton", "bf16")
+    assert options.choose_fast_default(table, dit) == ("cuda", "bf16")
+    without_nvcc = options.choose_fast_default(table, dit, runs_here=lambda name: name != "cuda")
+    assert without_nvcc == ("fa4", "bf16")
+    assert options.choose_fast_default(table, dit, runs_here=lambda name: name not in ("cuda", "fa4")) == (
+        "triton", "bf16")  # fmt: skip
+
+
+def test_speeds_from_another_device_stay_out_of_the_ranking(monkeypatch):
+    h100 = dataclasses.replace(options.ATTENTION_OPTIONS["triton"], tflops=9999, device="H100")
+    monkeypatch.setitem(options.ATTENTION_OPTIONS, "triton", h100)
+    table = options.recorded_attention_table()
+    assert table["triton"] == (None, h100.error)
+    assert "triton" not in options.bf16_level_ranking(table)
+    assert "9999 TFLOP/s on an H100" in options.describe_attention("triton")
 
 
 def test_rule_takes_the_fastest_bf16_level_backend_and_linears_within_the_x0_budget():
@@ -211,7 +224,7 @@ def test_help_states_every_option_and_its_measured_error():
     for name, option in options.ATTENTION_OPTIONS.items():
         text = options.describe_attention(name)
         assert f"error {option.error:.1e}" in text if option.error is not None else "not yet measured" in text
-    assert "fa4 > triton" in options.describe_attention("auto")
+    assert "cuda > fa4 > triton" in options.describe_attention("auto")
     assert "x0 error 5.2e-02" in options.describe_linear("fp8")
 
 
@@ -242,7 +255,7 @@ def test_cuda_kernel_compiles_to_hopper_tensor_core_code_without_spills(tmp_path
     assert "C7518" not in report  # wgmmas serialized (a branch writing the accumulators: the ragged block's mask)
     sass = subprocess.run([str(cuobjdump), "--dump-sass", str(library)], capture_output=True, text=True).stdout
     for instruction in ("IGMMA.64x128x32.S8.S8", "HGMMA.64x128x16.F32.BF16", "HGMMA.64x64x16.F32.BF16",
-                        "HGMMA.64x72x16.F32.BF16", "USETMAXREG", "UTMALDG.5D"):  # fmt: skip
+                        "HGMMA.64x72x16.F32.BF16", "USETMAXREG", "UTMALDG.4D"):  # fmt: skip
         assert instruction in sass, instruction
     assert not re.search(r"\b(LDL|STL)\b", sass), "local memory in the kernel"
 

@@ -53,8 +53,15 @@ def add_channel_bias_(y: Tensor, bias: Tensor, residual: Tensor | None = None) -
     block_r = TILE // block_c
     with on_device(y.device):
         _channel_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(c, block_c))](
-            y, bias, y if residual is None else residual, rows, c, BLOCK_R=block_r, BLOCK_C=block_c,
-            RESIDUAL=residual is not None, num_warps=WARPS,
+            y,
+            bias,
+            y if residual is None else residual,
+            rows,
+            c,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            RESIDUAL=residual is not None,
+            num_warps=WARPS,
         )
     return y
 
