@@ -64,7 +64,9 @@ struct __align__(1024) Shared {
   uint8_t q[kConsumers * kQTile];
   uint8_t k[kStages][kBlockN * kQKRowBytes];
   uint8_t v[kStages][kBlockN * kVRowBytes];
-  uint8_t ones[kStages][kBlockN * kVRowBytes];  // fast variant: V's dims 64..71, read at v[stage] + sizeof(v)
+  // the fast variant's dims 64..71 of V, all ones: read one LBO (sizeof(v)) past each stage, so the windows of all
+  // stages together span an array as large as v (the plain variant leaves it unused)
+  uint8_t ones[kStages][kBlockN * kVRowBytes];
   uint64_t q_full;
   uint64_t full[kStages];   // producer -> consumers: the stage's K and V landed
   uint64_t empty[kStages];  // consumers -> producer: the stage may be overwritten
