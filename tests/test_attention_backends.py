@@ -280,6 +280,57 @@ def test_each_kernel_source_gets_its_own_cached_build(tmp_path):
         attention_sm90.build(tmp_path, source=broken)
 
 
+def test_a_build_made_elsewhere_serves_a_host_without_nvcc(tmp_path, monkeypatch, capsys):
+    """NVIDIA's Triton image has no nvcc: the library built for this very source (in an image build stage, say)
+    is loaded from K4SERVE_CACHE, and without it the reason says how to make one."""
+    from k4serve.kernels import attention_sm90
+
+    monkeypatch.setattr(attention_sm90, "_nvcc", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("K4SERVE_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="python -m k4serve.kernels.attention_sm90 --cache FOLDER"):
+        attention_sm90.build()
+    assert "K4SERVE_CACHE" in attention_sm90.unavailable_reason("cuda")
+    prebuilt = attention_sm90.library_path()
+    assert prebuilt.parent == tmp_path
+    prebuilt.write_bytes(b"a build of this source")
+    assert attention_sm90.build() == prebuilt and attention_sm90.unavailable_reason("cuda") is None
+    changed = tmp_path / "changed.cu"
+    changed.write_text(attention_sm90.SOURCE.read_text() + "\n// a changed copy\n")
+    with pytest.raises(RuntimeError, match="compiled at first use"):  # never another source's build
+        attention_sm90.build(source=changed)
+    monkeypatch.setattr("sys.argv", ["attention_sm90", "--cache", str(tmp_path)])
+    attention_sm90.main()  # the prebuild command: here it finds the build and says where it is
+    assert capsys.readouterr().out.strip() == str(prebuilt)
+
+
+def test_an_installed_package_carries_the_kernel_source(tmp_path):
+    """A non-editable install (the deployment image's `pip install`) must ship the .cu: the kernel is compiled from
+    it, and a build made elsewhere is found by its hash."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from k4serve.kernels import attention_sm90
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("building the wheel needs setuptools in this environment")
+    # from a copy of the sources: a checkout's build/ and egg-info (the editable install's) would lend the wheel
+    # files that the package data does not name
+    repo, src = Path(__file__).resolve().parents[1], tmp_path / "src"
+    shutil.copytree(repo / "k4serve", src / "k4serve", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                            "-w", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("k4serve-*.whl")
+    source = zipfile.ZipFile(wheel).read("k4serve/kernels/attention_sm90.cu")
+    assert source == attention_sm90.SOURCE.read_bytes()
+
+
 def describe_mismatch(got: torch.Tensor, want: torch.Tensor, heads: int) -> str:
     """Where two [B, S, H*64] outputs disagree: NaNs, the bad rows' positions in a consumer's 64 rows, bad columns."""
     got, want = got.double(), want.double()

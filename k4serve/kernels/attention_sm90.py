@@ -7,12 +7,15 @@ consumer warpgroups: benchmarks/NOTES.md), so this kernel is written where those
   - `flash_attention_int8_sm90` (`cuda-int8`): the triton-int8 recipe, same operands as
     `attention.flash_attention_int8` (an `Int8QK` from `qk_int8.quantize_qk_int8`, head_dim 64, 128-key K scale
     blocks) and the same result up to accumulation order.
-The source is compiled once per machine with the host's nvcc for sm_90a into a cache folder (~20 s) and called
-through ctypes on the current torch stream.
+The source is compiled once per machine with the host's nvcc for sm_90a into a cache folder (~20 s; $K4SERVE_CACHE,
+else ~/.cache/k4serve) and called through ctypes on the current torch stream. A host without nvcc (NVIDIA's Triton
+image) runs a build made elsewhere for the same source: `python -m k4serve.kernels.attention_sm90 --cache DIR`
+where nvcc is (no GPU needed), then K4SERVE_CACHE=DIR (deploy/k8s/README.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import hashlib
 import os
@@ -34,7 +37,8 @@ VARIANTS = {"plain": 0, "fast": 1}
 DEFAULT_VARIANT = "fast"
 _LIBRARIES: dict[Path, ctypes.CDLL] = {}  # source -> its loaded build (benchmarks/attention.py A/B-tests other sources)
 _KERNEL = "our CUDA attention kernel (cuda, cuda-int8)"
-_NO_NVCC = f"{_KERNEL} is compiled at first use: put nvcc on PATH or set CUDA_HOME"
+_NO_NVCC = (f"{_KERNEL} is compiled at first use: put nvcc on PATH or set CUDA_HOME, or point K4SERVE_CACHE at a "
+            "folder where `python -m k4serve.kernels.attention_sm90 --cache FOLDER` built it")  # fmt: skip
 
 
 def _nvcc() -> str | None:
@@ -51,21 +55,27 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
         return f"{_KERNEL} is built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
-    if _nvcc() is None:
+    if _nvcc() is None and not library_path().exists():
         return _NO_NVCC
     return None
 
 
-def build(out_dir: Path | None = None, source: Path = SOURCE) -> Path:
-    """Compile `source` (cached by its and the flags' hash) and return the shared library's path."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        raise RuntimeError(_NO_NVCC)
+def library_path(out_dir: Path | None = None, source: Path = SOURCE) -> Path:
+    """Where the build of `source` is cached: named by the hash of the source and the flags, so a changed kernel
+    never loads a stale build."""
     digest = hashlib.sha256(source.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
     out_dir = out_dir or Path(os.environ.get("K4SERVE_CACHE", Path.home() / ".cache" / "k4serve"))
-    library = out_dir / f"attention_sm90_{digest}.so"
+    return out_dir / f"attention_sm90_{digest}.so"
+
+
+def build(out_dir: Path | None = None, source: Path = SOURCE) -> Path:
+    """The shared library of `source`: its cached build, else compiled now with nvcc."""
+    library = library_path(out_dir, source)
     if not library.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        nvcc = _nvcc()
+        if nvcc is None:
+            raise RuntimeError(_NO_NVCC)
+        library.parent.mkdir(parents=True, exist_ok=True)
         partial = library.with_suffix(f".{os.getpid()}.tmp")
         result = subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(partial), str(source)], capture_output=True, text=True)
         if result.returncode != 0:
@@ -142,3 +152,13 @@ def flash_attention_int8_sm90(packed: Int8QK, variant: str = DEFAULT_VARIANT, so
     )  # fmt: skip
     _launched(error, "cuda-int8")
     return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=f"Build {_KERNEL} into a cache folder (nvcc needed, no GPU).")
+    parser.add_argument("--cache", type=Path, help="the folder (default: $K4SERVE_CACHE, else ~/.cache/k4serve)")
+    print(build(parser.parse_args().cache))
+
+
+if __name__ == "__main__":
+    main()
