@@ -6,14 +6,17 @@ The full-size decoder (CogVideoX-5b's shape, random weights) decodes the latents
   eager            the reference module, torch norms (the official decoder's class of kernels)
   triton-norms     the reference module, its norms through the fused NCDHW Triton kernel (yesterday's `fast`)
   channels-last    k4serve.engines.vae.FastVAEDecoder without CUDA graphs (NDHWC convs and norms, no input copies)
-  channels-last+graphs               the same with one CUDA graph per chunk shape (today's `fast` engine)
-  channels-last+graphs+cudnn-bench   and cuDNN timing its conv algorithms once per shape
+  channels-last+graphs               the same with one CUDA graph per chunk shape, torch's convs (the `fast` engine)
+  channels-last+graphs+cudnn-bench   and cuDNN timing its conv algorithms once per shape (torch.backends.cudnn)
+  channels-last+graphs+cudnn-frontend  the convs by the cuDNN frontend's fastest plan per shape (convs="cudnn")
 The float32 decode of the same latents (TF32 off) is the reference every path is measured against: relative error
 of the video, and the share of uint8 frame values that differ from the reference's. Medians of `--repeat` decodes
 after a warm-up (graph capture included there, timed apart as "first s"); peak memory allocated during the timed
 decodes and the most reserved by the path (a CUDA graph's memory pool is reserved, not allocated, between replays);
 both include the weights and the float32 reference video (0.3 GiB).
-Each path runs in try/except; the table is printed last and appended to benchmarks/RESULTS.md.
+With `--profile`, a second table: GPU kernel time of one decode per channels-last path (without graphs, under
+torch.profiler) by kernel family, to show where the time of the decode goes.
+Each path runs in try/except; the tables are printed last and appended to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import traceback
 
 import torch
 from results import append_table
+from torch.autograd import DeviceType
 
 from k4serve.cli_options import parse_size
 from k4serve.engines.vae import FastVAEDecoder
@@ -39,6 +43,7 @@ PATHS = {
     "channels-last": lambda module: FastVAEDecoder(module, cuda_graphs=False),
     "channels-last+graphs": lambda module: FastVAEDecoder(module),
     "channels-last+graphs+cudnn-bench": lambda module: FastVAEDecoder(module, cudnn_benchmark=True),
+    "channels-last+graphs+cudnn-frontend": lambda module: FastVAEDecoder(module, convs="cudnn"),
 }
 
 
@@ -70,12 +75,47 @@ def time_decode(decoder, z: torch.Tensor, repeat: int) -> dict:
     }
 
 
+# kernel name fragments (lower case) -> family, first match wins: our Triton kernels, then the libraries' convs
+FAMILIES = {
+    "moments": "norm statistics",
+    "norm_silu": "norm + SiLU",
+    "channel_bias": "conv bias",
+    "fprop": "convs",
+    "conv": "convs",
+    "xmma": "convs",
+    "cutlass": "convs",
+    "sm90": "convs",
+    "gemm": "convs",
+    "copy": "copies",
+    "elementwise": "copies",
+    "cat": "copies",
+}
+
+
+def kernel_families(decoder: FastVAEDecoder, z: torch.Tensor) -> dict[str, float]:
+    """Seconds of GPU kernel time per family in one ungraphed decode of z."""
+    plain = FastVAEDecoder(decoder.decoder, cuda_graphs=False, convs=decoder.convs)
+    plain.decode(z)  # plans, Triton compilation
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        plain.decode(z)
+        torch.cuda.synchronize()
+    seconds = dict.fromkeys([*dict.fromkeys(FAMILIES.values()), "other"], 0.0)
+    for event in profile.key_averages():
+        if event.device_type == DeviceType.CUDA:
+            name = event.key.lower()
+            family = next((f for fragment, f in FAMILIES.items() if fragment in name), "other")
+            seconds[family] += event.device_time_total / 1e6
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=12)
     parser.add_argument("--size", type=parse_size, default=(384, 672))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--profile", action="store_true", help="also the kernel time by family (channels-last paths)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     height, width = args.size
@@ -89,7 +129,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         reference_frames = to_uint8(reference)
         module = module.to(torch.bfloat16)
-        rows = []
+        rows, profiles = [], []
         for name in [p for p in PATHS if p in args.paths]:  # in PATHS' order whatever the command line's
             try:
                 module.use_triton_norms(name == "triton-norms")
@@ -100,6 +140,8 @@ def main() -> None:
                 r["error"] = ((video.double() - reference.double()).norm() / reference.double().norm()).item()
                 r["differing"] = (to_uint8(video) != reference_frames).double().mean().item()
                 rows.append((name, r))
+                if args.profile and isinstance(decoder, FastVAEDecoder):
+                    profiles.append((f"{name} ({decoder.convs} convs)", kernel_families(decoder, z.to(torch.bfloat16))))
                 del video, decoder
             except Exception:  # one failing path must not stop the others
                 traceback.print_exc()
@@ -123,11 +165,24 @@ def main() -> None:
             f"{r['reserved']:.1f} | {r['error']:.2e} | {r['differing']:.2%} |"
         )
     table = "\n".join([header, *lines])
+    if profiles:
+        families = list(profiles[0][1])
+        table += (
+            "\n\nGPU kernel time of one decode without graphs (s), by kernel family\n\n| path | "
+            + " | ".join(families)
+            + " | total |\n|---|"
+            + "---|" * (len(families) + 1)
+        )
+        for name, seconds in profiles:
+            cells = " | ".join(f"{seconds[f]:.3f}" for f in families)
+            table += f"\n| {name} | {cells} | {sum(seconds.values()):.3f} |"
     print(table)
     if not args.no_write:
         command = f"python benchmarks/vae.py --seconds {args.seconds} --size {height}x{width} --repeat {args.repeat}"
         if args.paths != list(PATHS):
             command += " --paths " + " ".join(args.paths)
+        if args.profile:
+            command += " --profile"
         title = f"CogVideoX VAE decode, {args.seconds} s {height}x{width} ({frames} frames), random weights"
         append_table(title, command, f"median of {args.repeat} after a warm-up", table)
 

@@ -15,6 +15,8 @@ of a chunk of T frames (the reference: `CausalConv3d`, `norm_silu_conv`):
   4. cuDNN's conv3d, without its bias: the next pass over the output adds it as it reads it (a resnet's first conv:
      both passes of the next norm; its second: the pass that adds the skip connection, inside the next norm's
      statistics where one follows). Elsewhere `kernels/conv_bias.py` adds it (torch's broadcast add is slow).
+     `convs="cudnn"` runs the cuDNN frontend's fastest plan per shape instead (`kernels/library_conv.py`): 4.9 %
+     off a 12 s decode on an H100, for a plan search of minutes at the first decode (benchmarks/RESULTS.md).
 The reference instead copies the past frames in and clones the cache out; only step 2's copy is left here.
 `past` holds 2 frames of every causal conv's input (by count 2 x 524 M values, 2.1 GB at 384x672 in bf16; the
 eager decode holds the same cache while it runs): one flat buffer per conv, grown to the largest video seen and
@@ -36,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from k4serve.engines.base import Shape
-from k4serve.kernels import on_device
-from k4serve.kernels.conv_bias import add_channel_bias_, conv3d_channels_last
+from k4serve.kernels import library_conv, on_device
+from k4serve.kernels.conv_bias import CONV_BACKENDS, add_channel_bias_, conv3d_channels_last
 from k4serve.kernels.group_norm import CHANNELS_LAST, group_norm_stats, spatial_norm_silu
 from k4serve.models.cogvideox_vae import (
     NORM_EPS,
@@ -84,7 +86,10 @@ class _ChunkGraph:
 class FastVAEDecoder:
     """Channels-last, CUDA-graphed decode over a CogVideoXDecoder's weights; see the module docstring."""
 
-    def __init__(self, decoder: CogVideoXDecoder, cuda_graphs: bool = True, cudnn_benchmark: bool = False):
+    def __init__(self, decoder: CogVideoXDecoder, cuda_graphs: bool = True, cudnn_benchmark: bool = False,
+                 convs: str = "torch"):  # fmt: skip
+        """`convs`: what runs the convs: "torch" (torch's cuDNN path; `cudnn_benchmark` times its algorithms) or
+        "cudnn" (the cuDNN frontend's fastest plan per shape, found at the first decode of each video size)."""
         for parameter in decoder.parameters():  # 3-D conv weights NDHWC, the upsamplers' 2-D ones NHWC
             if parameter.dim() in (4, 5):
                 layout = CHANNELS_LAST if parameter.dim() == 5 else torch.channels_last
@@ -94,6 +99,11 @@ class FastVAEDecoder:
         self.device = next(decoder.parameters()).device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.cudnn_benchmark = cudnn_benchmark
+        if convs not in CONV_BACKENDS:
+            raise ValueError(f"convs={convs!r}: choose one of {CONV_BACKENDS}")
+        if convs == "cudnn" and (reason := library_conv.unavailable_reason(self.device)):
+            raise ValueError(f"convs='cudnn': {reason}")
+        self.convs = convs
         self._past: dict[CausalConv3d, Tensor] = {}  # flat, grown to the largest [B, C, 2, H, W] seen
         self._graphs: dict[ChunkKey, _ChunkGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -187,7 +197,7 @@ class FastVAEDecoder:
         padded[:, :, :tp] = _first_frame_copies(padded, tp) if first else past
         if z.shape[2] >= tp:
             past.copy_(z[:, :, -tp:])
-        x = conv(conv_in.conv, padded)
+        x = conv(conv_in.conv, padded, self.convs)
         # 2. mid block, then up blocks (x2 in space for all but the last, x2 in time for the first ones); a resnet
         #    whose output goes to a norm adds its residual in that norm's statistics pass
         stats = None
@@ -196,7 +206,7 @@ class FastVAEDecoder:
                 to_norm = i + 1 < len(block.resnets) or not block.upsamplers
                 x, stats = self._resnet(resnet, x, z, first, stats, to_norm)
             for upsampler in block.upsamplers:
-                x = upsample(upsampler, x)
+                x = upsample(upsampler, x, self.convs)
         # 3. out norm, SiLU, conv to RGB               [B, 3, T', 8h, 8w]
         rgb = self._norm_silu_conv(decoder.norm_out, decoder.conv_out, x, z, first, stats)
         return add_channel_bias_(rgb, decoder.conv_out.conv.bias)
@@ -208,7 +218,7 @@ class FastVAEDecoder:
         h = self._norm_silu_conv(resnet.norm1, resnet.conv1, x, z, first, stats)
         h = self._norm_silu_conv(resnet.norm2, resnet.conv2, h, z, first, conv_bias=resnet.conv1.conv.bias)
         if resnet.conv_shortcut is not None:
-            x = conv(resnet.conv_shortcut, x)
+            x = conv(resnet.conv_shortcut, x, self.convs)
         bias = resnet.conv2.conv.bias
         if not to_norm:
             return add_channel_bias_(h, bias, residual=x), None
@@ -231,7 +241,7 @@ class FastVAEDecoder:
                           out=padded[:, :, tp:], tail=tail, stats=stats, conv_bias=conv_bias)  # fmt: skip
         if first:
             padded[:, :, :tp] = _first_frame_copies(padded, tp)
-        return conv3d_channels_last(padded, causal.conv.weight, None, causal.conv.padding)
+        return conv3d_channels_last(padded, causal.conv.weight, None, causal.conv.padding, self.convs)
 
     def _past_frames(self, conv: CausalConv3d, padded: Tensor) -> Tensor:
         """This conv's persistent buffer [B, C, tp, H, W] (NDHWC) of past frames for a padded input like `padded`."""
@@ -246,9 +256,9 @@ class FastVAEDecoder:
         return self._past[conv][:numel].view(b, tp, h, w, c).permute(0, 4, 1, 2, 3)
 
 
-def conv(module: nn.Conv3d, x: Tensor) -> Tensor:
+def conv(module: nn.Conv3d, x: Tensor, backend: str) -> Tensor:
     """module(x) (stride 1) with an NDHWC output, its bias added by our kernel (torch's broadcast add is slow)."""
-    return conv3d_channels_last(x, module.weight, module.bias, module.padding)
+    return conv3d_channels_last(x, module.weight, module.bias, module.padding, backend)
 
 
 def nearest(x: Tensor, time_levels: int, space: int) -> Tensor:
@@ -262,12 +272,12 @@ def nearest(x: Tensor, time_levels: int, space: int) -> Tensor:
     return out
 
 
-def upsample(upsampler: Upsample3D, x: Tensor) -> Tensor:
+def upsample(upsampler: Upsample3D, x: Tensor, backend: str) -> Tensor:
     """`Upsample3D`'s nearest x2 and per-frame 3x3 conv, with the conv before the time doubling: a frame and its
     copy convolve to the same output, so the conv sees each distinct frame once (the same values, half the work
     where the block doubles time)."""
     weight = upsampler.conv.weight.unsqueeze(2)  # the per-frame Conv2d as a (1, 3, 3) Conv3d
-    y = conv3d_channels_last(nearest(x, 0, 2), weight, upsampler.conv.bias, padding=(0, 1, 1))
+    y = conv3d_channels_last(nearest(x, 0, 2), weight, upsampler.conv.bias, (0, 1, 1), backend)
     return nearest(y, 1, 1) if upsampler.compress_time else y
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from k4serve.kernels import on_device
+from k4serve.kernels.library_conv import cudnn_conv
 
 TILE = 8192  # elements per program
 WARPS = 8
@@ -66,7 +67,18 @@ def add_channel_bias_(y: Tensor, bias: Tensor, residual: Tensor | None = None) -
     return y
 
 
-def conv3d_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int, int]) -> Tensor:
-    """F.conv3d(x, weight, bias, padding=padding) with an NDHWC output and the bias added by this module's kernel."""
-    y = F.conv3d(x, weight, None, padding=padding).contiguous(memory_format=torch.channels_last_3d)
+CONV_BACKENDS = ("torch", "cudnn")
+
+
+def conv3d_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int, int],
+                         backend: str = "torch") -> Tensor:  # fmt: skip
+    """F.conv3d(x, weight, bias, padding=padding) with an NDHWC output and the bias added by this module's kernel;
+    the conv itself by torch (its cuDNN path) or by `backend="cudnn"`: the cuDNN frontend's fastest plan
+    (`kernels/library_conv.py`, NDHWC x and weight)."""
+    if backend == "cudnn":
+        y = cudnn_conv(x, weight, padding)
+    elif backend == "torch":
+        y = F.conv3d(x, weight, None, padding=padding).contiguous(memory_format=torch.channels_last_3d)
+    else:
+        raise ValueError(f"conv backend {backend!r}: choose one of {CONV_BACKENDS}")
     return y if bias is None else add_channel_bias_(y, bias)

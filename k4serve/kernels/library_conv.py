@@ -1,0 +1,169 @@
+"""cuDNN frontend convolutions for the fast VAE decoder (`FastVAEDecoder(convs="cudnn")`): every engine
+configuration (plan) of a conv shape built and timed once, the fastest kept.
+
+Why: torch reaches cuDNN through its heuristics' first choices. At the decoder's full-resolution convs on an H100
+the frontend's fastest plan runs 1.11-1.13x faster than torch's conv3d (bf16, the same error against fp32); at
+the smaller shapes they are equal, or torch's is faster (the 512-channel convs: 0.164 against 0.213 ms). A 12 s
+decode takes 0.909 s instead of 0.956, but its first decode builds every plan of every shape: 215 s. fp8 operands
+(e4m3, per-tensor scales) ran at 781-942 TFLOP/s with a rel. error of 3.8e-2 against bf16's 2.9e-3, too lossy for
+the frames, so the VAE stays bf16. (`benchmarks/vae_convs.py`, `benchmarks/vae.py`; benchmarks/RESULTS.md,
+2026-12-07.)
+
+Contract: `cudnn_conv(x, weight, padding)` is F.conv3d(x, weight, padding=padding) (stride 1, no bias) for NDHWC
+(channels_last_3d) x and weight, with an NDHWC output; same dtype in and out, float32 accumulation. The package
+(`nvidia-cudnn-frontend`, in the `gpu` extra) is imported on first use; `unavailable_reason` says whether it can
+run without importing it. Plans are chosen outside CUDA-graph capture (the engine's warm-up at the same shapes),
+since timing them synchronizes; a capture that meets a new shape raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PACKAGE = "nvidia-cudnn-frontend"
+TIMED_RUNS = 3  # per plan, after one warm-up run; the median is kept
+
+
+def unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why the cuDNN frontend convs cannot run on `device` (None: they can), without importing the package."""
+    device = torch.device(device or "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "cuDNN frontend convs need a CUDA GPU"
+    try:
+        found = importlib.util.find_spec("cudnn") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return f"cuDNN frontend convs need `cudnn`: pip install {PACKAGE} (or pip install 'k4serve[gpu]')"
+    return None
+
+
+def fastest_plan(count: int, time_plan: Callable[[int], float]) -> int:
+    """The index of the fastest of `count` plans by `time_plan(i)` (ms); a plan that fails to run is skipped."""
+    times = {}
+    failures = []
+    for index in range(count):
+        try:
+            times[index] = time_plan(index)
+        except Exception as error:  # cuDNN declines some plans only when they run (e.g. a launch limit)
+            failures.append(f"plan {index}: {type(error).__name__}: {error}")
+    if not times:
+        raise RuntimeError(f"none of the {count} cuDNN plans ran: " + "; ".join(failures[:3]))
+    return min(times, key=times.__getitem__)
+
+
+def ndhwc_strides(shape: Sequence[int]) -> list[int]:
+    """Strides of a [N, C, *spatial] tensor stored channels-last (C innermost), size-1 dims included."""
+    n, c, *spatial = shape
+    strides = [0] * len(shape)
+    step = c
+    strides[1] = 1
+    for i in range(len(spatial) - 1, -1, -1):
+        strides[2 + i] = step
+        step *= spatial[i]
+    strides[0] = step
+    return strides
+
+
+def median_ms(run: Callable[[], None], runs: int = TIMED_RUNS) -> float:
+    run()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(runs):
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+@dataclass
+class _ConvPlan:
+    graph: object
+    x: object  # the graph's tensor handles
+    w: object
+    y: object
+    index: int  # the plan run
+    workspace: Tensor
+    out_shape: tuple[int, ...]
+
+
+class CudnnConv:
+    """cuDNN frontend conv_fprop graphs, one per (shapes, strides, padding, dtype, device), each with its fastest
+    plan, built on first use."""
+
+    def __init__(self):
+        self._plans: dict[tuple, _ConvPlan] = {}
+        self._handles: dict[int, object] = {}
+
+    def __call__(self, x: Tensor, weight: Tensor, padding: Sequence[int]) -> Tensor:
+        if not (x.is_contiguous(memory_format=torch.channels_last_3d) and x.dim() == 5):
+            raise ValueError(f"x must be [N, C, T, H, W] channels_last_3d; got {tuple(x.shape)} {x.stride()}")
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        key = (tuple(x.shape), tuple(weight.shape), tuple(padding), x.dtype, x.device.index)
+        plan = self._plans.get(key)
+        if plan is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"cuDNN conv plan for {key} must be chosen before the graph capture (a warm-up)")
+            plan = self._plans[key] = self._build(x, weight, list(padding))
+        out = torch.empty(plan.out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
+        cudnn, handle = self._cudnn(), self._handle(x.device)
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(x.device).cuda_stream)
+        plan.graph.execute_plan_at_index({plan.x: x, plan.w: weight, plan.y: out}, plan.workspace,
+                                         index=plan.index, handle=handle)  # fmt: skip
+        return out
+
+    @staticmethod
+    def _cudnn():
+        try:
+            return importlib.import_module("cudnn")
+        except ImportError as error:
+            raise ImportError(f"cuDNN frontend convs need `cudnn`: pip install {PACKAGE} ({error})") from error
+
+    def _handle(self, device: torch.device):
+        if device.index not in self._handles:
+            self._handles[device.index] = self._cudnn().create_handle()
+        return self._handles[device.index]
+
+    def _build(self, x: Tensor, weight: Tensor, padding: list[int]) -> _ConvPlan:
+        cudnn = self._cudnn()
+        handle = self._handle(x.device)
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(x.device).cuda_stream)
+        dtype = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF,
+                 torch.float32: cudnn.data_type.FLOAT}[x.dtype]  # fmt: skip
+        fp32 = cudnn.data_type.FLOAT
+        graph = cudnn.pygraph(io_data_type=dtype, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+        gx = graph.tensor(name="x", dim=list(x.shape), stride=ndhwc_strides(x.shape), data_type=dtype)
+        gw = graph.tensor(name="w", dim=list(weight.shape), stride=ndhwc_strides(weight.shape), data_type=dtype)
+        gy = graph.conv_fprop(image=gx, weight=gw, padding=padding, stride=[1, 1, 1], dilation=[1, 1, 1],
+                              compute_data_type=fp32, name="conv")  # fmt: skip
+        out_shape = (x.shape[0], weight.shape[0],
+                     *(x.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i] + 1 for i in range(3)))  # fmt: skip
+        gy.set_output(True).set_dim(list(out_shape)).set_stride(ndhwc_strides(out_shape)).set_data_type(dtype)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans(cudnn.build_plan_policy.ALL)
+        count = graph.get_execution_plan_count()
+        sizes = [graph.get_workspace_size_plan_at_index(i) for i in range(count)]
+        workspace = torch.empty(max([*sizes, 1]), device=x.device, dtype=torch.uint8)
+        out = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
+        pack = {gx: x, gw: weight, gy: out}
+
+        def time_plan(index: int) -> float:
+            return median_ms(lambda: graph.execute_plan_at_index(pack, workspace, index=index, handle=handle))
+
+        index = fastest_plan(count, time_plan)
+        workspace = workspace[: max(sizes[index], 1)].clone()  # keep only what the chosen plan needs
+        return _ConvPlan(graph, gx, gw, gy, index, workspace, out_shape)
+
+
+cudnn_conv = CudnnConv()
