@@ -53,21 +53,13 @@ def fp8_conv(x8: torch.Tensor, w8: torch.Tensor, descale: torch.Tensor, out: tor
     y.set_data_type(fp32)
     gy = graph.mul(a=y, b=gs, compute_data_type=fp32, name="descale")
     gy.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(bf16)
-    graph.validate()
-    graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans(cudnn.build_plan_policy.ALL)
-    count = graph.get_execution_plan_count()
-    workspace = torch.empty(max([graph.get_workspace_size_plan_at_index(i) for i in range(count)] + [1]),
-                            device=out.device, dtype=torch.uint8)  # fmt: skip
     pack = {gx: x8, gw: w8, gs: descale, gy: out}
+    tuned = library_conv.tune(cudnn, graph, pack, handle)
 
-    def run(index: int) -> None:
-        graph.execute_plan_at_index(pack, workspace, index=index, handle=handle)
+    def run() -> None:
+        graph.execute_plan_at_index(pack, tuned.workspace, index=tuned.index, handle=handle)
 
-    best = library_conv.fastest_plan(count, lambda i: library_conv.median_ms(lambda: run(i)))
-    return lambda: run(best), count
+    return run, tuned.count
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -85,6 +85,33 @@ def median_ms(run: Callable[[], None], runs: int = TIMED_RUNS) -> float:
 
 
 @dataclass
+class TunedPlan:
+    index: int  # of the fastest plan
+    workspace: Tensor  # sized for it
+    count: int  # plans built
+
+
+def tune(cudnn, graph, pack: dict, handle) -> TunedPlan:
+    """Build every plan of a defined cuDNN frontend graph, time each on the buffers of `pack` (graph tensor ->
+    torch tensor; on the handle's stream) and keep the fastest."""
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans(cudnn.build_plan_policy.ALL)
+    count = graph.get_execution_plan_count()
+    sizes = [graph.get_workspace_size_plan_at_index(i) for i in range(count)]
+    device = next(iter(pack.values())).device
+    workspace = torch.empty(max([*sizes, 1]), device=device, dtype=torch.uint8)
+
+    def time_plan(index: int) -> float:
+        return median_ms(lambda: graph.execute_plan_at_index(pack, workspace, index=index, handle=handle))
+
+    index = fastest_plan(count, time_plan)
+    return TunedPlan(index, workspace[: max(sizes[index], 1)].clone(), count)  # only what the chosen plan needs
+
+
+@dataclass
 class _ConvPlan:
     graph: object
     x: object  # the graph's tensor handles
@@ -147,23 +174,9 @@ class CudnnConv:
         out_shape = (x.shape[0], weight.shape[0],
                      *(x.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i] + 1 for i in range(3)))  # fmt: skip
         gy.set_output(True).set_dim(list(out_shape)).set_stride(ndhwc_strides(out_shape)).set_data_type(dtype)
-        graph.validate()
-        graph.build_operation_graph()
-        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        graph.check_support()
-        graph.build_plans(cudnn.build_plan_policy.ALL)
-        count = graph.get_execution_plan_count()
-        sizes = [graph.get_workspace_size_plan_at_index(i) for i in range(count)]
-        workspace = torch.empty(max([*sizes, 1]), device=x.device, dtype=torch.uint8)
         out = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
-        pack = {gx: x, gw: weight, gy: out}
-
-        def time_plan(index: int) -> float:
-            return median_ms(lambda: graph.execute_plan_at_index(pack, workspace, index=index, handle=handle))
-
-        index = fastest_plan(count, time_plan)
-        workspace = workspace[: max(sizes[index], 1)].clone()  # keep only what the chosen plan needs
-        return _ConvPlan(graph, gx, gw, gy, index, workspace, out_shape)
+        tuned = tune(cudnn, graph, {gx: x, gw: weight, gy: out}, handle)
+        return _ConvPlan(graph, gx, gw, gy, tuned.index, tuned.workspace, out_shape)
 
 
 cudnn_conv = CudnnConv()
