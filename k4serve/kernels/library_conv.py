@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ def fastest_plan(count: int, time_plan: Callable[[int], float]) -> int:
 
 def ndhwc_strides(shape: Sequence[int]) -> list[int]:
     """Strides of a [N, C, *spatial] tensor stored channels-last (C innermost), size-1 dims included."""
-    n, c, *spatial = shape
+    _, c, *spatial = shape
     strides = [0] * len(shape)
     step = c
     strides[1] = 1
@@ -72,6 +73,7 @@ def ndhwc_strides(shape: Sequence[int]) -> list[int]:
 
 
 def median_ms(run: Callable[[], None], runs: int = TIMED_RUNS) -> float:
+    """Median milliseconds of `runs` calls of `run` on the current stream (CUDA events), after one untimed call."""
     run()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
@@ -91,7 +93,7 @@ class TunedPlan:
     count: int  # plans built
 
 
-def tune(cudnn, graph, pack: dict, handle) -> TunedPlan:
+def tune(cudnn: Any, graph: Any, pack: dict, handle: Any) -> TunedPlan:
     """Build every plan of a defined cuDNN frontend graph, time each on the buffers of `pack` (graph tensor ->
     torch tensor; on the handle's stream) and keep the fastest."""
     graph.validate()
@@ -123,8 +125,8 @@ class _ConvPlan:
 
 
 class CudnnConv:
-    """cuDNN frontend conv_fprop graphs, one per (shapes, strides, padding, dtype, device), each with its fastest
-    plan, built on first use."""
+    """cuDNN frontend conv_fprop graphs, one per (input and weight shapes, padding, dtype, device), each with its
+    fastest plan, built on first use."""
 
     def __init__(self):
         self._plans: dict[tuple, _ConvPlan] = {}
