@@ -24,6 +24,14 @@ if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not N
         )
 
 
+def module_found(name: str) -> bool:
+    """Whether module `name` can be imported here, without importing it (a broken parent package counts as no)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Make `device` the current CUDA device for the block (nothing for a CPU device).
 

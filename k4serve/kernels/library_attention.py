@@ -14,7 +14,6 @@ that `qk_norm_rope_` leaves) -> [B, S, H*D] bf16, softmax scale 1/√D, no mask.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from k4serve.kernels import module_found
 from k4serve.kernels.fp8 import fp8_inverse_scale, to_fp8
 from k4serve.kernels.quantize import FP8_MAX
 
@@ -53,11 +53,7 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
     major = torch.cuda.get_device_capability(device)[0]
     if major < library.min_capability:
         return f"{name} needs compute capability {library.min_capability}.0+ (Hopper); this GPU is {major}.x"
-    try:
-        found = importlib.util.find_spec(library.module) is not None
-    except (ImportError, ValueError):  # a parent package that is absent or broken
-        found = False
-    if not found:
+    if not module_found(library.module):
         return f"{name} needs `{library.module}`: pip install {library.package} (or pip install 'k4serve[gpu]')"
     return None
 

@@ -19,13 +19,14 @@ since timing them synchronizes; a capture that meets a new shape raises.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from k4serve.kernels import module_found
 
 PACKAGE = "nvidia-cudnn-frontend"
 TIMED_RUNS = 3  # per plan, after one warm-up run; the median is kept
@@ -36,11 +37,7 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     device = torch.device(device or "cuda")
     if device.type != "cuda" or not torch.cuda.is_available():
         return "cuDNN frontend convs need a CUDA GPU"
-    try:
-        found = importlib.util.find_spec("cudnn") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    if not module_found("cudnn"):
         return f"cuDNN frontend convs need `cudnn`: pip install {PACKAGE} (or pip install 'k4serve[gpu]')"
     return None
 
