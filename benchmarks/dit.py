@@ -4,7 +4,7 @@
 
 One run prints, at the first size (default 12 s at 384x672, 25,424 tokens):
   1. the attention table of benchmarks/attention.py: every backend's TFLOP/s and per-call error at the exact shape
-  2. a block's four GEMMs in bf16 and fp8
+  2. a block's four GEMMs in bf16, fp8 and int8: time and error against float64
   3. the 4-step Flash sampler (same noise, same text embedding) through
        eager      the reference module under bf16 autocast with SDPA's flash backend forced (the official path)
        eager-cudnn  the same through cuDNN's SDPA: the bf16 noise floor of x0
@@ -38,7 +38,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from k4serve.engines import options
 from k4serve.engines.torch import TEXT_LEN, FastDiT
 from k4serve.kernels import attention as attn
-from k4serve.kernels.quantize import quantize_rowwise
+from k4serve.kernels.int8_gemm import int8_linear
+from k4serve.kernels.quantize import quantize_rowwise, quantize_rowwise_int8
 from k4serve.models.dit import DiTConfig, build_dit
 from k4serve.models.schedulers import FlashSampler
 from k4serve.pipelines.t2v import latent_shape
@@ -62,28 +63,40 @@ def step_flops(config: DiTConfig, n_visual: int, seq: int) -> tuple[float, float
 
 
 def gemm_runs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
-    """One linear three ways: bf16 F.linear, fp8 rowwise _scaled_mm, and the same with fast accumulation."""
+    """One linear five ways: bf16 F.linear; fp8 rowwise _scaled_mm, also with fast accumulation; int8 per token x
+    per channel through our Triton GEMM, and through cuBLAS (torch._int_mm, then the scales and bias in torch). The
+    activations' quantization is left out of every 8-bit run: the engine fuses it into the pass before."""
     x8, xs = quantize_rowwise(x)
     w8, ws = quantize_rowwise(w)
+    xi, xis = quantize_rowwise_int8(x)
+    wi, wis = quantize_rowwise_int8(w)
+    wis = wis.reshape(-1)
     fp8 = dict(bias=bias, out_dtype=torch.bfloat16)
     return {
         "bf16": lambda: F.linear(x, w, bias),
         "fp8": lambda: torch._scaled_mm(x8, w8.t(), xs, ws.t(), **fp8),
         "fp8 fast-accum": lambda: torch._scaled_mm(x8, w8.t(), xs, ws.t(), use_fast_accum=True, **fp8),
+        "int8 (ours, Triton)": lambda: int8_linear(xi, xis, wi, wis, bias),
+        "int8 cuBLAS + torch epilogue": lambda: (torch._int_mm(xi, wi.t()) * xis * wis + bias).to(torch.bfloat16),
     }
 
 
-def gemm_table(config: DiTConfig, seq: int) -> list[tuple[str, float, float]]:
-    """(name, ms, TFLOP/s) of a block's four linears at this sequence length."""
+def gemm_table(config: DiTConfig, seq: int) -> list[tuple[str, float, float, float]]:
+    """(name, ms, TFLOP/s, error) of a block's four linears at this sequence length. Inputs: LayerNorm'd N(0, 1)
+    rows (for the FF2 input, their GELU), weights N(0, 1/K); error: relative L2 of the first 1,024 output rows
+    against the float64 product of the bf16 operands."""
     d, ff = config.model_dim, config.ff_dim
     rows = []
     for k, n in ((d, 3 * d), (d, d), (d, ff), (ff, d)):
-        x = torch.randn(seq, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        x = F.layer_norm(torch.randn(seq, k, device="cuda"), (k,))
+        x = (F.gelu(x) if k == ff else x).to(torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+        bias = (0.02 * torch.randn(n, device="cuda")).to(torch.bfloat16)
+        exact = x[:1024].double() @ w.double().T + bias.double()
         for name, run in gemm_runs(x, w, bias).items():
             ms = triton.testing.do_bench(run, return_mode="median")
-            rows.append((f"{seq}x{k} @ {k}x{n} {name}", ms, 2 * seq * k * n / ms / 1e9))
+            error = ((run()[:1024].double() - exact).norm() / exact.norm()).item()
+            rows.append((f"{seq}x{k} @ {k}x{n} {name}", ms, 2 * seq * k * n / ms / 1e9, error))
     return rows
 
 
@@ -195,8 +208,9 @@ def main() -> None:
           "error = rel. L2 vs float64 on the first and last head (**bold**: the tiling the engine runs)", "",
           *format_rows(rows, flops)])  # fmt: skip
     # 2. a block's GEMMs
-    emit(["", "| GEMM (one block linear) | ms | TFLOP/s |", "|---|---|---|",
-          *(f"| {name} | {ms:.3f} | {tflops:.0f} |" for name, ms, tflops in gemm_table(config, seq))])  # fmt: skip
+    emit(["", "| GEMM (one block linear) | ms | TFLOP/s | rel. err vs float64 |", "|---|---|---|---|",
+          *(f"| {name} | {ms:.3f} | {tflops:.0f} | {error:.2e} |"
+            for name, ms, tflops, error in gemm_table(config, seq))])  # fmt: skip
 
     # 3. the 4-step sampler per size and setting
     emit(["", "| size | path | attention | linear | DiT s/step | 4 steps s | TFLOP/s | speed-up | peak GiB | prepare s "

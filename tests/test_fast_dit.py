@@ -37,9 +37,10 @@ def test_fast_forward_equals_module_in_float32(attention):
 
 @interpreter
 @pytest.mark.parametrize(
-    "attention, linear, bound", [("triton-fp8", "bf16", 2e-2), ("triton-int8", "bf16", 2e-3), ("sdpa", "fp8", 5e-2)]
+    "attention, linear, bound",
+    [("triton-fp8", "bf16", 2e-2), ("triton-int8", "bf16", 2e-3), ("sdpa", "fp8", 5e-2), ("sdpa", "int8", 8e-3)],
 )
-def test_fp8_paths_stay_close_to_module(attention, linear, bound):
+def test_8bit_paths_stay_close_to_module(attention, linear, bound):
     dit = build_dit(SMALL, seed=3)
     x, text, time = inputs(SMALL, "cpu", torch.float32)
     engine = FastDiT(dit, attention=attention, linear=linear)
@@ -61,7 +62,7 @@ def test_engine_interface_and_bad_options():
 @pytest.mark.parametrize(
     "attention, linear, bound",
     [("triton", "bf16", 2e-2), ("cuda", "bf16", 2e-2), ("fa4", "bf16", 2e-2), ("triton-int8", "bf16", 4e-2),
-     ("cuda-int8", "bf16", 4e-2),
+     ("cuda-int8", "bf16", 4e-2), ("cuda", "int8", 4e-2),
      ("triton-fp8", "fp8", 1.5e-1), ("cudnn-fp8", "bf16", 1.5e-1)],
 )  # fmt: skip
 def test_cuda_graph_engine_against_autocast_module(attention, linear, bound, device):

@@ -30,9 +30,17 @@ from k4serve.kernels.group_norm import (
     spatial_norm_silu,
     spatial_norm_silu_reference,
 )
+from k4serve.kernels.int8_gemm import Int8Linear, int8_linear, int8_linear_reference
 from k4serve.kernels.norm_modulate import norm_modulate, norm_modulate_reference
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8, qk_norm_rope_reference
-from k4serve.kernels.quantize import FP8_MAX, Fp8Linear, quantize_rowwise
+from k4serve.kernels.quantize import (
+    FP8_MAX,
+    INT8_MAX,
+    QUANT_DTYPES,
+    Fp8Linear,
+    quantize_rowwise,
+    quantize_rowwise_int8,
+)
 
 CUDA = torch.cuda.is_available()  # without it tests/conftest.py selected Triton's CPU interpreter
 DEVICE = "cuda" if CUDA else "cpu"
@@ -192,9 +200,9 @@ def test_qk_norm_rope_fp8_packs_like_the_reference():
 # ---- gated residual + LayerNorm + modulation ----
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("quant", [None, "fp8", "int8"])
 @pytest.mark.parametrize("with_delta", [False, True])
-def test_norm_modulate_matches_float64(with_delta, fp8):
+def test_norm_modulate_matches_float64(with_delta, quant):
     b, s, d, n_visual = 2, 40, 192, 30
     g = torch.Generator(device=DEVICE).manual_seed(10)
 
@@ -208,13 +216,17 @@ def test_norm_modulate_matches_float64(with_delta, fp8):
     extra = dict(delta=delta, gate=mods[:, :, 2]) if with_delta else {}
     want_x, want_y = norm_modulate_reference(x, *args, **extra)
     x_in = x.clone()
-    y, y_scale = norm_modulate(x_in, *args, **extra, fp8=fp8)
+    y, y_scale = norm_modulate(x_in, *args, **extra, quant=quant)
     assert rel_error(x_in, want_x) < 6e-3  # x updated in place (bf16)
-    if fp8:
-        assert y.dtype == torch.float8_e4m3fn and y_scale.shape == (b, s, 1)
-        torch.testing.assert_close(y_scale, want_y.abs().amax(-1, keepdim=True).float() / FP8_MAX, rtol=2e-2, atol=0)
+    if quant is not None:
+        assert y.dtype == QUANT_DTYPES[quant] and y_scale.shape == (b, s, 1)
+        q_max = FP8_MAX if quant == "fp8" else INT8_MAX
+        torch.testing.assert_close(y_scale, want_y.abs().amax(-1, keepdim=True).float() / q_max, rtol=2e-2, atol=0)
+        if quant == "int8":  # rounded to nearest: at most one step from the float64 value's rounding
+            steps = (y.double() - want_y / y_scale.double()).abs()
+            assert steps.max() < 1.5 and (steps <= 0.5 + 2e-2).double().mean() > 0.9
         y = y.double() * y_scale
-    assert rel_error(y, want_y) < (4e-2 if fp8 else 6e-3)
+    assert rel_error(y, want_y) < {None: 6e-3, "fp8": 4e-2, "int8": 1.5e-2}[quant]
 
 
 def test_norm_modulate_visual_rows_only_with_shared_stream():
@@ -239,18 +251,22 @@ def test_gelu_bf16_and_fp8():
     want = torch.nn.functional.gelu(h.double())
     y, scale = gelu(h)
     assert scale is None and y.dtype == torch.bfloat16 and rel_error(y, want) < 6e-3
-    y8, scale8 = gelu(h, fp8=True)
+    y8, scale8 = gelu(h, quant="fp8")
     assert y8.dtype == torch.float8_e4m3fn and rel_error(y8.double() * scale8, want) < 4e-2
+    y8, scale8 = gelu(h, quant="int8")
+    assert y8.dtype == torch.int8 and rel_error(y8.double() * scale8, want) < 1.5e-2
 
 
-def test_quantize_rows_matches_torch_quantizer():
+@pytest.mark.parametrize("quant", ["fp8", "int8"])
+def test_quantize_rows_matches_torch_quantizer(quant):
     g = torch.Generator(device=DEVICE).manual_seed(13)
     x = torch.randn(7, 130, device=DEVICE, generator=g) * torch.logspace(-3, 2, 7, device=DEVICE)[:, None]
-    q, scale = quantize_rows(x.to(torch.bfloat16))
-    want_q, want_scale = quantize_rowwise(x.to(torch.bfloat16))
+    q, scale = quantize_rows(x.to(torch.bfloat16), quant)
+    want_q, want_scale = (quantize_rowwise if quant == "fp8" else quantize_rowwise_int8)(x.to(torch.bfloat16))
+    assert q.dtype == want_q.dtype
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
     assert rel_error(q.double() * scale, want_q.double() * want_scale) < 1e-2
-    assert rel_error(q.double() * scale, x) < 4e-2  # every row keeps its own range
+    assert rel_error(q.double() * scale, x) < (4e-2 if quant == "fp8" else 1.5e-2)  # every row keeps its own range
 
 
 # ---- fp8 linear (kernels/quantize.py) ----
@@ -271,6 +287,49 @@ def test_fp8_linear_against_dequantized_and_exact_products():
     assert rel_error(out, dequant) < 6e-3  # only the bf16 output rounding remains
     exact = x.double() @ linear.weight.double().T + linear.bias.double()
     assert rel_error(out, exact) < 6e-2
+
+
+# ---- int8 linear (kernels/int8_gemm.py) ----
+
+
+@pytest.mark.parametrize("m, n, k", [(37, 50, 96), (300, 260, 384)])  # ragged rows / columns; K masked and even
+def test_int8_gemm_accumulates_exactly(m, n, k):
+    """Integer operands with unit scales: the fp32 output must be the exact integer product (no int8 / fp16
+    accumulation anywhere; the largest sums here need 23 bits)."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    x[0], w[0] = 127, -127  # one extreme product sum: -k·127²
+    y = int8_linear(x.to(DEVICE), torch.ones(m, 1, device=DEVICE), w.to(DEVICE), torch.ones(n, device=DEVICE),
+                    out_dtype=torch.float32)  # fmt: skip
+    torch.testing.assert_close(y.cpu().double(), (x.long() @ w.long().T).double(), rtol=0, atol=0)
+
+
+def test_int8_linear_against_dequantized_and_exact_products():
+    g = torch.Generator().manual_seed(16)
+    linear = torch.nn.Linear(160, 72).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(72, 160, generator=g) / math.sqrt(160))
+    x = torch.randn(3, 45, 160, generator=g).to(DEVICE, torch.bfloat16)
+    layer = Int8Linear.from_linear(linear)
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.shape == (72,)
+    x8, x_scale = quantize_rows(x, "int8")
+    out = layer(x8, x_scale)
+    assert out.shape == (3, 45, 72) and out.dtype == torch.bfloat16
+    dequant = int8_linear_reference(x8, x_scale, layer.weight, layer.weight_scale, linear.bias)
+    assert rel_error(out, dequant) < 6e-3  # only the bf16 output rounding remains
+    torch.testing.assert_close(layer(x), out, rtol=0, atol=0)  # a float input is quantized the same way
+    exact = x.double() @ linear.weight.double().T + linear.bias.double()
+    assert rel_error(out, exact) < 2e-2  # int8 rounding of both operands (e4m3 would cost ~4e-2)
+
+
+def test_int8_linear_refuses_wrong_operands():
+    w = torch.zeros(8, 32, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="int8 x"):
+        int8_linear(torch.zeros(4, 32, device=DEVICE), torch.ones(4, 1, device=DEVICE), w, torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="one per row"):
+        int8_linear(torch.zeros(4, 32, dtype=torch.int8, device=DEVICE), torch.ones(3, 1, device=DEVICE), w,
+                    torch.ones(8, device=DEVICE))  # fmt: skip
 
 
 # ---- VAE GroupNorm + spatial modulation + SiLU (group_norm.py) ----

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from k4serve.engines.base import Engine
-from k4serve.engines.unet import FastUNet, channels_last_convs, fp8_linears, shared_copy
+from k4serve.engines.unet import FastUNet, channels_last_convs, quantize_linears, shared_copy
 from k4serve.models.pndm import PNDMSampler, unet_denoiser
 from k4serve.models.v2a_unet import V2AUNetConfig, build_v2a_unet
 
@@ -42,7 +42,7 @@ def test_cpu_engine_is_the_eager_module():
 
 
 def test_engine_tree_shares_weights_and_leaves_the_module_alone():
-    """What the GPU options do to the engine's copy (run here on the CPU): NHWC convs, fp8 transformer linears."""
+    """What the GPU options do to the engine's copy (run here on the CPU): NHWC convs, 8-bit transformer linears."""
     unet = build_v2a_unet("tiny", seed=2)
     sample, t, prompt, video = inputs(unet.config, (2, 4, 8, 9))
     expected = unet(sample, t, prompt, video)
@@ -55,9 +55,16 @@ def test_engine_tree_shares_weights_and_leaves_the_module_alone():
     assert rel_error(out, expected) < 1e-5
     fp8 = shared_copy(unet)
     # 10 tiny blocks x (q, k, v, out; video q, k, v, out; text q, k, v, out, projection; FF in, out)
-    assert fp8_linears(fp8, fast_accum=False) == 10 * 15
+    assert quantize_linears(fp8, "fp8") == 10 * 15
     assert type(original.to_q) is torch.nn.Linear and type(fp8.mid_block.attentions[0].proj_in) is torch.nn.Conv2d
     assert type(fp8.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "Fp8Linear"
+    int8 = shared_copy(unet)
+    assert quantize_linears(int8, "int8") == 10 * 15
+    assert type(int8.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "Int8Linear"
+    # one swapped layer against the linear it replaced (the int8 GEMM runs here in Triton's interpreter; the whole
+    # int8 engine is checked on the GPU below)
+    x = torch.randn(2, 9, original.to_q.in_features)
+    assert rel_error(int8.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q(x), original.to_q(x)) < 3e-2
     torch.testing.assert_close(unet(sample, t, prompt, video), expected, rtol=0, atol=0)
 
 
@@ -73,13 +80,14 @@ def test_bad_options_name_the_fix():
 @pytest.mark.gpu
 @pytest.mark.parametrize("linear, channels_last, torch_compile, bound", [
     ("bf16", False, False, 1.5), ("bf16", True, False, 1.5), ("bf16", False, True, 1.5), ("fp8", False, False, 1e-1),
+    ("int8", False, False, 5e-2),
 ])  # fmt: skip
 def test_cuda_graph_engine_equals_eager(linear, channels_last, torch_compile, bound):
     """Error vs the float32 module with the same weights: a bf16 engine within `bound` x the eager bf16 module's own
     (two bf16 paths differ by about their rounding: 1.5e-2 measured between them), fp8 within `bound` absolute."""
     unet = build_v2a_unet(GPU_CONFIG, "cuda", torch.bfloat16, seed=2)
     engine = FastUNet(unet, linear=linear, channels_last=channels_last, torch_compile=torch_compile)
-    assert engine.cuda_graphs and (engine.fp8_linears > 0) == (linear == "fp8")
+    assert engine.cuda_graphs and (engine.quantized_linears > 0) == (linear != "bf16")
     odd, even = (
         inputs(GPU_CONFIG, (2, 4, 64, 148), "cuda", torch.bfloat16),
         inputs(GPU_CONFIG, (2, 4, 64, 96), "cuda", torch.bfloat16, seed=1),

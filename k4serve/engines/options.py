@@ -47,6 +47,7 @@ LINEAR_OPTIONS: dict[str, str] = {
     "bf16": "bf16 GEMMs",
     "fp8": "e4m3 GEMMs, per-token x per-channel scales",
     "fp8-fast": "fp8 GEMMs with Hopper's fast (unpromoted) accumulation",
+    "int8": "int8 GEMMs (ours, Triton), per-token x per-channel scales, exact int32 accumulation",
 }
 ATTENTION = (AUTO, *ATTENTION_OPTIONS)
 LINEAR = (AUTO, *LINEAR_OPTIONS)

@@ -1,11 +1,13 @@
 """The fast DiT engine: the reference module's weights, fused Triton kernels, CUDA graphs per bucket.
 
 `FastDiT(dit, attention=..., linear=...)` reads a `DiffusionTransformer3D`'s parameters (bf16
-linears are shared, fp8 ones quantized once) and runs its own forward with the same contract as
+linears are shared, fp8 / int8 ones quantized once) and runs its own forward with the same contract as
 `DiffusionTransformer3D.forward` (the options and their `auto` default: `k4serve.engines.options`).
 Per block the work is 4 GEMMs plus 5 fused passes (+1 packing pass for the int8 recipes and cudnn-fp8):
   norm+modulate → QKV GEMM → QK-norm+RoPE(+fp8 pack) → attention → out GEMM
-  → gated add+norm+modulate → FF1 GEMM → GELU(+fp8 quant) → FF2 GEMM → gated add+next norm+modulate.
+  → gated add+norm+modulate → FF1 GEMM → GELU(+8-bit quant) → FF2 GEMM → gated add+next norm+modulate.
+With 8-bit linears each GEMM's input is written per token in its format by the pass before it (the attention
+output by a quantize pass of its own).
 All 42 blocks' modulations come from the time embedding alone, so they are computed up front. Each
 (latent shape, text shape) bucket is warmed up (kernel tuning included) and captured as one CUDA graph on
 its first use, or ahead of time through `load`; a call then copies the inputs in and replays the graph.
@@ -28,6 +30,7 @@ from k4serve.kernels import attention as attn
 from k4serve.kernels import on_device
 from k4serve.kernels.attention_sm90 import flash_attention_int8_sm90, flash_attention_sm90
 from k4serve.kernels.gelu_quant import gelu, quantize_rows
+from k4serve.kernels.int8_gemm import Int8Linear
 from k4serve.kernels.library_attention import cudnn_fp8_attention, fa4_attention
 from k4serve.kernels.norm_modulate import norm_modulate
 from k4serve.kernels.qk_int8 import quantize_qk_int8
@@ -38,6 +41,8 @@ from k4serve.models.dit import DiffusionTransformer3D, TransformerBlock, sdpa_at
 TEXT_LEN = 224  # T5 max_length: the text shape of every bucket the pipelines serve
 # Triton kernel recipe of each attention option that runs ours (tuned per bucket)
 TRITON_RECIPES = {"triton": "bf16", "triton-int8": "int8", "triton-fp8": "fp8"}
+# the per-token operand format each linear option's GEMMs read (None: bf16 activations)
+LINEAR_QUANT = {"bf16": None, "fp8": "fp8", "fp8-fast": "fp8", "int8": "int8"}
 
 
 def _int8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -70,13 +75,17 @@ def _norm(layer: nn.LayerNorm) -> tuple[Tensor, Tensor]:
 
 
 def _project(layer: nn.Module, x: Tensor, x_scale: Tensor | None) -> Tensor:
-    """Apply a bf16 nn.Linear, or an Fp8Linear to an e4m3 input with its per-token scale."""
+    """Apply a bf16 nn.Linear, or an 8-bit linear to its quantized input with the per-token scale."""
     return layer(x) if x_scale is None else layer(x, x_scale)
 
 
 def _linear(layer: nn.Linear, kind: str) -> nn.Module:
-    """The module's own bf16 linear (shared, no copy), or its fp8 quantization (made once, here)."""
-    return layer if kind == "bf16" else Fp8Linear.from_linear(layer, fast_accum=kind == "fp8-fast")
+    """The module's own bf16 linear (shared, no copy), or its fp8 / int8 quantization (made once, here)."""
+    if kind == "bf16":
+        return layer
+    if kind == "int8":
+        return Int8Linear.from_linear(layer)
+    return Fp8Linear.from_linear(layer, fast_accum=kind == "fp8-fast")
 
 
 @dataclass
@@ -115,7 +124,7 @@ class FastDiT:
         self.config = dit.config
         self.attention = attention
         self.linear = linear
-        self.fp8_linear = linear != "bf16"
+        self.quant = LINEAR_QUANT[linear]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.blocks = [_Block.wrap(block, linear) for block in dit.blocks()]
         self._rope: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
@@ -191,7 +200,7 @@ class FastDiT:
 
     def forward(self, x: Tensor, text_embed: Tensor, time: Tensor) -> Tensor:
         """The fused forward without graphs (what each bucket's graph captures)."""
-        dit, fp8 = self.dit, self.fp8_linear
+        dit, quant = self.dit, self.quant
         grid = dit.token_grid(x.shape)
         n_visual = math.prod(grid)
         # 1. time embedding and every block's modulations                  [B, 2, 6, D] per block
@@ -204,21 +213,21 @@ class FastDiT:
         rope = self.rope(grid)
         # 3. blocks; each gated add is fused with the next LayerNorm + modulation
         first = self.blocks[0].source.self_attention_norm
-        y, y_scale = norm_modulate(x, _norm(first), mods[0][:, :, 0], mods[0][:, :, 1], n_visual, fp8=fp8)
+        y, y_scale = norm_modulate(x, _norm(first), mods[0][:, :, 0], mods[0][:, :, 1], n_visual, quant=quant)
         for i, block in enumerate(self.blocks):
             m = mods[i]
             o = self._attention(block, y, y_scale, n_visual, rope)
-            o = _project(block.out, *quantize_rows(o)) if fp8 else block.out(o)
+            o = block.out(o) if quant is None else _project(block.out, *quantize_rows(o, quant))
             y, y_scale = norm_modulate(x, _norm(block.source.feed_forward_norm), m[:, :, 3], m[:, :, 4], n_visual,
-                                       delta=o, gate=m[:, :, 2], fp8=fp8)  # fmt: skip
-            o = _project(block.ff_out, *gelu(_project(block.ff_in, y, y_scale), fp8=fp8))
+                                       delta=o, gate=m[:, :, 2], quant=quant)  # fmt: skip
+            o = _project(block.ff_out, *gelu(_project(block.ff_in, y, y_scale), quant=quant))
             if i + 1 < len(self.blocks):
                 nxt = (_norm(self.blocks[i + 1].source.self_attention_norm), mods[i + 1][:, :, 0], mods[i + 1][:, :, 1])
-                rows, next_fp8 = None, fp8
+                rows, next_quant = None, quant
             else:  # the out layer: visual rows only, bf16
                 shift, scale1 = (out_mods[:, j : j + 1].expand(-1, 2, -1) for j in (0, 1))  # one stream
                 nxt = (_norm(dit.out_layer.norm), shift, scale1)
-                rows, next_fp8 = n_visual, False
-            y, y_scale = norm_modulate(x, *nxt, n_visual, delta=o, gate=m[:, :, 5], rows=rows, fp8=next_fp8)
+                rows, next_quant = n_visual, None
+            y, y_scale = norm_modulate(x, *nxt, n_visual, delta=o, gate=m[:, :, 5], rows=rows, quant=next_quant)
         # 4. out layer and unpatchify                                       [B, T, H/8, W/8, C]
         return unpatchify(dit.out_layer.out_layer(y), grid, self.config.patch_size)

@@ -3,15 +3,16 @@
 `FastUNet(unet, ...)` runs the reference module's own forward (no re-implementation) on a copy of its module
 tree that shares every weight, changed only where an option says so:
   - attention: SDPA pinned to a backend (FlashAttention by default; head widths 40/80/160 all qualify);
-  - linear "fp8" / "fp8-fast": the transformer blocks' linears as `Fp8Linear` (e4m3 weights per output channel,
-    activations per token; quantized once here). Convolutions, norms and the time embedding stay bf16;
+  - linear "fp8" / "fp8-fast" / "int8": the transformer blocks' linears as `Fp8Linear` / `Int8Linear` (8-bit weights
+    per output channel, activations per token; quantized once here). Convolutions, norms and the time embedding
+    stay bf16;
   - channels_last: NHWC activations and conv weights (cuDNN's faster layout for bf16 convs);
   - torch_compile: the forward through torch.compile (Inductor fuses the norms, GEGLU and residual adds around the
     GEMMs and convs), compiled per bucket during its warm-up, then captured like the eager forward;
   - cuda_graphs: each (sample, prompt, video) shape bucket is warmed up and captured on first use, or ahead of
     time through `load`; a call copies the inputs in and replays (the UNet is hundreds of small kernels per
     call, whose launches eager mode pays every time).
-On the CPU none of this applies: a call is the module's plain eager forward (fp8 is refused with the fix).
+On the CPU none of this applies: a call is the module's plain eager forward (8-bit linears are refused with the fix).
 """
 
 from __future__ import annotations
@@ -49,17 +50,23 @@ def shared_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def fp8_linears(unet: nn.Module, fast_accum: bool) -> int:
-    """Swap the transformer blocks' linears (dims multiples of 16, as the fp8 GEMM needs) for Fp8Linear in place;
-    returns how many."""
+def quantize_linears(unet: nn.Module, linear: str) -> int:
+    """Swap the transformer blocks' linears (dims multiples of 16, as the fp8 GEMM needs) for the 8-bit linears of
+    option `linear` in place; returns how many."""
+    from k4serve.kernels.int8_gemm import Int8Linear
     from k4serve.kernels.quantize import Fp8Linear
+
+    def quantized(layer: nn.Linear) -> nn.Module:
+        if linear == "int8":
+            return Int8Linear.from_linear(layer)
+        return Fp8Linear.from_linear(layer, fast_accum=linear == "fp8-fast")
 
     swapped = 0
     for transformer in [m for m in unet.modules() if isinstance(m, SpatialTransformer)]:
         for parent in list(transformer.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
-                    setattr(parent, name, Fp8Linear.from_linear(child, fast_accum=fast_accum))
+                    setattr(parent, name, quantized(child))
                     swapped += 1
     return swapped
 
@@ -84,13 +91,13 @@ class FastUNet:
         self.config = unet.config
         gpu = self.device.type == "cuda"
         if linear != "bf16" and not gpu:
-            raise ValueError(f"linear={linear!r} needs a CUDA GPU (fp8 GEMMs); use linear='bf16' on the CPU")
+            raise ValueError(f"linear={linear!r} needs a CUDA GPU (8-bit GEMMs); use linear='bf16' on the CPU")
         self.unet = unet
-        self.fp8_linears = 0
+        self.quantized_linears = 0
         if linear != "bf16" or (channels_last and gpu):
             self.unet = shared_copy(unet)
             if linear != "bf16":
-                self.fp8_linears = fp8_linears(self.unet, fast_accum=linear == "fp8-fast")
+                self.quantized_linears = quantize_linears(self.unet, linear)
             if channels_last and gpu:
                 channels_last_convs(self.unet)
         self.channels_last = channels_last and gpu

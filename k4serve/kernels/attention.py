@@ -30,10 +30,9 @@ from torch import Tensor
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from k4serve.kernels.quantize import AMAX_FLOOR, fp8_scale, quantize_rowwise, to_fp8
+from k4serve.kernels.quantize import fp8_scale, int8_scale, quantize_rowwise, to_fp8, to_int8
 
 LOG2E = 1.4426950408889634
-INT8_MAX = 127.0
 P_SHIFT = tl.constexpr(8.0)  # fp8 P = exp2(s - m + 8) lies in (0, 256]: e4m3's subnormals start at 2^-9
 # int8 Q·Kᵀ accumulates exactly in int32. Its conversion to fp32 is an integer add: the bits of 1.5·2^23 plus an
 # integer |s| < 2^22 are the float 1.5·2^23 + s, and the bias folds into the per-row constant the softmax
@@ -330,17 +329,6 @@ def quantize_qkv_fp8(q: Tensor, k: Tensor, v: Tensor, kv_block: int = 128, smoot
         v_t=v8.permute(0, 3, 4, 1, 2).reshape(b * h * d, n_pad).contiguous(),
         v_scale=v_scale,
     )
-
-
-def int8_scale(amax: Tensor) -> Tensor:
-    """Symmetric int8 scale (x ≈ round(x / scale), |round| <= 127) with kernels.quantize's all-zero floor."""
-    return amax.float().clamp(min=AMAX_FLOOR) / INT8_MAX
-
-
-def to_int8(x: Tensor, scale: Tensor) -> Tensor:
-    """x / scale rounded to the nearest int8 (halves away from zero, as the Triton packing rounds)."""
-    y = x.float() / scale
-    return torch.where(y >= 0, y + 0.5, y - 0.5).trunc().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 def quantize_qk_int8_reference(q: Tensor, k: Tensor, v: Tensor, kv_block: int = 128) -> Int8QK:

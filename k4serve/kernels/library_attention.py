@@ -23,8 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 from k4serve.kernels import module_found
-from k4serve.kernels.fp8 import fp8_inverse_scale, to_fp8
 from k4serve.kernels.quantize import FP8_MAX
+from k4serve.kernels.rounding import fp8_inverse_scale, to_fp8
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Per token row of the joint sequence (stream = visual if the row index < n_visual
   x   ← x + gate[stream] · delta            (optional: the previous sub-layer's gated residual, bf16 roundings
                                               as the official autocast run: gate·delta, then the sum)
   y   = LayerNorm(x) · scale1[stream] + shift[stream]   (fp32; scale1 = 1 + scale, precomputed by the caller)
-and y is stored as the next linear's input: bf16, or e4m3 with a per-row fp32 scale.
+and y is stored as the next linear's input: bf16, or e4m3 / int8 with a per-row fp32 scale.
 `rows` < S restricts the pass to the first rows of each sample (the out layer only reads visual tokens).
 """
 
@@ -15,15 +15,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from k4serve.kernels.fp8 import store_row
-from k4serve.kernels.quantize import FP8_DTYPE
+from k4serve.kernels.quantize import quantized_dtype
+from k4serve.kernels.rounding import store_row
 
 
 @triton.jit
 def _norm_modulate_kernel(x_ptr, delta_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, y_ptr, y_scale_ptr,
                           seq_len, rows, n_visual, eps, gate_sb, gate_ss, mod_sb, mod_ss,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
-                          FP8: tl.constexpr):  # fmt: skip
+                          QUANT: tl.constexpr):  # fmt: skip
     s = tl.program_id(0)
     b = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -55,14 +55,15 @@ def _norm_modulate_kernel(x_ptr, delta_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, s
     scale1 = tl.load(scale_ptr + b * mod_sb + stream * mod_ss + cols, mask=mask, other=0.0).to(tl.float32)
     y = xn * scale1 + shift
     out = b * rows + s
-    store_row(y_ptr, y_scale_ptr, out, D, cols, y, mask, FP8)
+    store_row(y_ptr, y_scale_ptr, out, D, cols, y, mask, QUANT)
 
 
 def norm_modulate(x: Tensor, norm: tuple[Tensor, Tensor], shift: Tensor, scale1: Tensor, n_visual: int,
                   delta: Tensor | None = None, gate: Tensor | None = None, rows: int | None = None,
-                  fp8: bool = False, eps: float = 1e-5) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+                  quant: str | None = None, eps: float = 1e-5) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """y = LN(x [+= gate·delta]) · scale1 + shift per stream -> (y [B, rows, D], per-row fp32 scale or None).
 
+    quant: None (y in x's dtype), "fp8" or "int8" (y per token in that format, for the next 8-bit GEMM).
     x, delta [B, S, D] contiguous (x is updated in place when delta is given); shift, scale1, gate
     [B, 2, D] views (stream 0 visual, 1 text; a stream stride of 0 shares one vector); norm = (weight, bias).
     """
@@ -73,14 +74,14 @@ def norm_modulate(x: Tensor, norm: tuple[Tensor, Tensor], shift: Tensor, scale1:
                          f"{None if delta is None else tuple(delta.shape)}")  # fmt: skip
     if shift.stride() != scale1.stride() or shift.stride(-1) != 1 or (gate is not None and gate.stride(-1) != 1):
         raise ValueError("shift and scale1 must be [B, 2, D] views with equal strides and a contiguous last dim")
-    y = torch.empty(b, rows, d, device=x.device, dtype=FP8_DTYPE if fp8 else x.dtype)
-    y_scale = torch.empty(b, rows, 1, device=x.device, dtype=torch.float32) if fp8 else None
+    y = torch.empty(b, rows, d, device=x.device, dtype=quantized_dtype(quant, x.dtype))
+    y_scale = None if quant is None else torch.empty(b, rows, 1, device=x.device, dtype=torch.float32)
     gate_strides = (0, 0) if gate is None else (gate.stride(0), gate.stride(1))
     block_d = triton.next_power_of_2(d)
     _norm_modulate_kernel[(rows, b)](
         x, delta, gate, norm[0], norm[1], shift, scale1, y, y_scale,
         s, rows, n_visual, eps, *gate_strides, shift.stride(0), shift.stride(1),
-        D=d, BLOCK_D=block_d, HAS_DELTA=delta is not None, FP8=fp8, num_warps=min(16, max(1, block_d // 256)),
+        D=d, BLOCK_D=block_d, HAS_DELTA=delta is not None, QUANT=quant or "", num_warps=min(16, max(1, block_d // 256)),
     )  # fmt: skip
     return y, y_scale
 

@@ -14,27 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from k4serve.kernels.attention import INT8_MAX, Int8QK
-from k4serve.kernels.quantize import AMAX_FLOOR
-
-# the torch reference's constants, as the constexprs a jit function may read
-_INT8_MAX = tl.constexpr(INT8_MAX)
-_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
-
-
-@triton.jit
-def _int8_inverse_scale(amax):
-    """(127 / amax, amax / 127) with the all-zero floor of kernels.quantize."""
-    amax = tl.maximum(amax, _AMAX_FLOOR)
-    return (1.0 / amax) * _INT8_MAX, amax / _INT8_MAX  # tensor first: constexpr / tensor stays a constexpr
-
-
-@triton.jit
-def _to_int8(x, inverse_scale):
-    """x · inverse_scale rounded to the nearest integer (halves away from zero) as int8."""
-    y = x * inverse_scale
-    y = tl.where(y >= 0, y + 0.5, y - 0.5)  # the cast truncates toward zero
-    return tl.clamp(y, -_INT8_MAX, _INT8_MAX).to(tl.int8)
+from k4serve.kernels.attention import Int8QK
+from k4serve.kernels.rounding import int8_inverse_scale, to_int8
 
 
 @triton.jit
@@ -53,14 +34,14 @@ def _quantize_qk_kernel(q_ptr, k_ptr, k_mean_ptr, q8_ptr, k8_ptr, q_scale_ptr, k
 
     # 1. q per row
     q = tl.load(q_ptr + token * q_row_stride + h * D + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    q_inverse, q_scale = _int8_inverse_scale(tl.max(tl.abs(q), 1))
-    tl.store(q8_ptr + dst, _to_int8(q, q_inverse[:, None]), mask=valid[:, None])
+    q_inverse, q_scale = int8_inverse_scale(tl.max(tl.abs(q), 1))
+    tl.store(q8_ptr + dst, to_int8(q, q_inverse[:, None]), mask=valid[:, None])
     tl.store(q_scale_ptr + bh * seq_len + rows, q_scale, mask=valid)
     # 2. k minus its mean, one scale for the block (padded rows are zeros, outside the amax)
     k = tl.load(k_ptr + token * k_row_stride + h * D + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     k = tl.where(valid[:, None], k - tl.load(k_mean_ptr + bh * D + cols)[None, :], 0.0)
-    k_inverse, k_scale = _int8_inverse_scale(tl.max(tl.max(tl.abs(k), 1), 0))
-    tl.store(k8_ptr + dst, _to_int8(k, k_inverse), mask=valid[:, None])
+    k_inverse, k_scale = int8_inverse_scale(tl.max(tl.max(tl.abs(k), 1), 0))
+    tl.store(k8_ptr + dst, to_int8(k, k_inverse), mask=valid[:, None])
     tl.store(k_scale_ptr + bh * n_blocks + pid_s, k_scale)
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from k4serve.kernels.attention import Fp8QKV
-from k4serve.kernels.fp8 import fp8_inverse_scale, to_fp8
+from k4serve.kernels.rounding import fp8_inverse_scale, to_fp8
 
 
 @triton.jit

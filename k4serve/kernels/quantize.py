@@ -1,8 +1,9 @@
-"""fp8 (e4m3) quantization shared by the fast engine and the exporters.
+"""8-bit quantization shared by the fast engine and the exporters: fp8 (e4m3) and int8.
 
 One recipe everywhere: symmetric scales per row of the last dimension, `x ≈ q * scale` with
-`scale = amax(|row|) / 448`. A linear's weight [out, in] is quantized once per output channel; its input
-activations per token. The GEMM runs through `torch._scaled_mm` (fp32 accumulation, bf16 out, bias fused).
+`scale = amax(|row|) / 448` (e4m3) or `amax(|row|) / 127` (int8, rounded to nearest). A linear's weight
+[out, in] is quantized once per output channel; its input activations per token. The fp8 GEMM runs through
+`torch._scaled_mm` (fp32 accumulation, bf16 out, bias fused), the int8 one is `kernels.int8_gemm`.
 Embeddings, modulations and the output layer stay bf16: callers choose which linears to convert.
 """
 
@@ -12,7 +13,10 @@ import torch
 from torch import Tensor, nn
 
 FP8_DTYPE = torch.float8_e4m3fn
+# the per-token operand formats the fused kernels can write for the next 8-bit GEMM (`quant=` of those kernels)
+QUANT_DTYPES = {"fp8": FP8_DTYPE, "int8": torch.int8}
 FP8_MAX = 448.0  # largest finite e4m3fn value
+INT8_MAX = 127.0  # symmetric int8: -128 is never written
 AMAX_FLOOR = 1e-12  # an all-zero row still gets a finite scale
 
 
@@ -30,6 +34,23 @@ def quantize_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row (last dim) quantization: (q e4m3 like x, scale fp32 [..., 1]) with x ≈ q * scale."""
     scale = fp8_scale(x.abs().amax(dim=-1, keepdim=True))
     return to_fp8(x, scale), scale
+
+
+def int8_scale(amax: Tensor) -> Tensor:
+    """Symmetric int8 scale (x ≈ round(x / scale), |round| <= 127) with the all-zero floor."""
+    return amax.float().clamp(min=AMAX_FLOOR) / INT8_MAX
+
+
+def to_int8(x: Tensor, scale: Tensor) -> Tensor:
+    """x / scale rounded to the nearest int8 (halves away from zero, as the Triton kernels round)."""
+    y = x.float() / scale
+    return torch.where(y >= 0, y + 0.5, y - 0.5).trunc().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def quantize_rowwise_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row (last dim) int8 quantization: (q int8 like x, scale fp32 [..., 1]) with x ≈ q * scale."""
+    scale = int8_scale(x.abs().amax(dim=-1, keepdim=True))
+    return to_int8(x, scale), scale
 
 
 class Fp8Linear(nn.Module):
@@ -81,3 +102,10 @@ class Fp8Linear(nn.Module):
             use_fast_accum=self.fast_accum,
         )
         return out.view(*lead, self.out_features)
+
+
+def quantized_dtype(quant: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fused kernel writes for `quant` (None: `dtype` itself, unquantized)."""
+    if quant is not None and quant not in QUANT_DTYPES:
+        raise ValueError(f"quant must be None or one of {sorted(QUANT_DTYPES)}; got {quant!r}")
+    return dtype if quant is None else QUANT_DTYPES[quant]
