@@ -20,22 +20,20 @@ from k4serve.kernels.norm_modulate import _norm_modulate_kernel
 from k4serve.kernels.qk_norm_rope import _qk_norm_rope_kernel
 
 BF16, F32, FP8, I8 = "*bf16", "*fp32", "*fp8e4nv", "*i8"
+
+
+def norm_modulate_case(quant: str, y_type: str) -> tuple:
+    """The norm + modulate pass writing the next GEMM's `quant` operand (`y_type`) at the full DiT's width."""
+    types = dict(x_ptr=BF16, delta_ptr=BF16, gate_ptr=BF16, w_ptr=BF16, b_ptr=BF16, shift_ptr=F32, scale_ptr=F32,
+                 y_ptr=y_type, y_scale_ptr=F32, seq_len="i32", rows="i32", n_visual="i32", eps="fp64", gate_sb="i32",
+                 gate_ss="i32", mod_sb="i32", mod_ss="i32")  # fmt: skip
+    return _norm_modulate_kernel, types, dict(D=3072, BLOCK_D=4096, HAS_DELTA=True, QUANT=quant), 16
+
+
 # (kernel, non-constexpr argument types as Inductor passes them, constexprs, warps) at the full DiT's head_dim 64
 CASES = {
-    "norm_modulate fp8": (
-        _norm_modulate_kernel,
-        dict(x_ptr=BF16, delta_ptr=BF16, gate_ptr=BF16, w_ptr=BF16, b_ptr=BF16, shift_ptr=F32, scale_ptr=F32,
-             y_ptr=FP8, y_scale_ptr=F32, seq_len="i32", rows="i32", n_visual="i32", eps="fp64", gate_sb="i32",
-             gate_ss="i32", mod_sb="i32", mod_ss="i32"),
-        dict(D=3072, BLOCK_D=4096, HAS_DELTA=True, QUANT="fp8"), 16,
-    ),
-    "norm_modulate int8": (
-        _norm_modulate_kernel,
-        dict(x_ptr=BF16, delta_ptr=BF16, gate_ptr=BF16, w_ptr=BF16, b_ptr=BF16, shift_ptr=F32, scale_ptr=F32,
-             y_ptr=I8, y_scale_ptr=F32, seq_len="i32", rows="i32", n_visual="i32", eps="fp64", gate_sb="i32",
-             gate_ss="i32", mod_sb="i32", mod_ss="i32"),
-        dict(D=3072, BLOCK_D=4096, HAS_DELTA=True, QUANT="int8"), 16,
-    ),
+    "norm_modulate fp8": norm_modulate_case("fp8", FP8),
+    "norm_modulate int8": norm_modulate_case("int8", I8),
     "qk_norm_rope fp8": (
         _qk_norm_rope_kernel,
         dict(qkv_ptr=BF16, cos_ptr=F32, sin_ptr=F32, qw_ptr=BF16, qb_ptr=BF16, kw_ptr=BF16, kb_ptr=BF16, eps="fp64",

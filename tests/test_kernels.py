@@ -269,27 +269,33 @@ def test_quantize_rows_matches_torch_quantizer(quant):
     assert rel_error(q.double() * scale, x) < (4e-2 if quant == "fp8" else 1.5e-2)  # every row keeps its own range
 
 
-# ---- fp8 linear (kernels/quantize.py) ----
+# ---- 8-bit linears (kernels/quantize.py, kernels/int8_gemm.py) ----
+
+# quant -> (layer type, its weight dtype, the quantizer its forward applies to a float input, bound vs exact)
+LINEARS_8BIT = {
+    "fp8": (Fp8Linear, torch.float8_e4m3fn, quantize_rowwise, 6e-2),
+    "int8": (Int8Linear, torch.int8, lambda x: quantize_rows(x, "int8"), 2e-2),
+}
 
 
-def test_fp8_linear_against_dequantized_and_exact_products():
+@pytest.mark.parametrize("quant", list(LINEARS_8BIT))
+def test_8bit_linear_against_dequantized_and_exact_products(quant):
+    layer_type, dtype, quantize, exact_bound = LINEARS_8BIT[quant]
     g = torch.Generator().manual_seed(14)
-    linear = torch.nn.Linear(128, 96).to(DEVICE, torch.bfloat16)
+    linear = torch.nn.Linear(160, 72).to(DEVICE, torch.bfloat16)  # K = 160: ragged for the int8 GEMM's K tiles
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(96, 128, generator=g) / math.sqrt(128))
-    x = torch.randn(4, 32, 128, generator=g).to(DEVICE, torch.bfloat16)
-    layer = Fp8Linear.from_linear(linear)
-    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (1, 96)
-    x8, x_scale = quantize_rowwise(x)
+        linear.weight.copy_(torch.randn(72, 160, generator=g) / math.sqrt(160))
+    x = torch.randn(3, 45, 160, generator=g).to(DEVICE, torch.bfloat16)
+    layer = layer_type.from_linear(linear)
+    assert layer.weight.dtype == dtype and layer.weight_scale.numel() == 72
+    x8, x_scale = quantize(x)
     out = layer(x8, x_scale)
-    assert out.shape == (4, 32, 96) and out.dtype == torch.bfloat16
+    assert out.shape == (3, 45, 72) and out.dtype == torch.bfloat16
     dequant = (x8.double() * x_scale) @ layer.dequantized_weight().double().T + linear.bias.double()
     assert rel_error(out, dequant) < 6e-3  # only the bf16 output rounding remains
+    torch.testing.assert_close(layer(x), out, rtol=0, atol=0)  # a float input is quantized the same way
     exact = x.double() @ linear.weight.double().T + linear.bias.double()
-    assert rel_error(out, exact) < 6e-2
-
-
-# ---- int8 linear (kernels/int8_gemm.py) ----
+    assert rel_error(out, exact) < exact_bound  # e4m3 rounds each operand by ~4 %, int8 by ~1 %
 
 
 @pytest.mark.parametrize("m, n, k", [(37, 50, 96), (300, 260, 384)])  # ragged rows / columns; K masked and even
@@ -302,25 +308,9 @@ def test_int8_gemm_accumulates_exactly(m, n, k):
     x[0], w[0] = 127, -127  # one extreme product sum: -k·127²
     y = int8_linear(x.to(DEVICE), torch.ones(m, 1, device=DEVICE), w.to(DEVICE), torch.ones(n, device=DEVICE),
                     out_dtype=torch.float32)  # fmt: skip
-    torch.testing.assert_close(y.cpu().double(), (x.long() @ w.long().T).double(), rtol=0, atol=0)
-
-
-def test_int8_linear_against_dequantized_and_exact_products():
-    g = torch.Generator().manual_seed(16)
-    linear = torch.nn.Linear(160, 72).to(DEVICE, torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(72, 160, generator=g) / math.sqrt(160))
-    x = torch.randn(3, 45, 160, generator=g).to(DEVICE, torch.bfloat16)
-    layer = Int8Linear.from_linear(linear)
-    assert layer.weight.dtype == torch.int8 and layer.weight_scale.shape == (72,)
-    x8, x_scale = quantize_rows(x, "int8")
-    out = layer(x8, x_scale)
-    assert out.shape == (3, 45, 72) and out.dtype == torch.bfloat16
-    dequant = int8_linear_reference(x8, x_scale, layer.weight, layer.weight_scale, linear.bias)
-    assert rel_error(out, dequant) < 6e-3  # only the bf16 output rounding remains
-    torch.testing.assert_close(layer(x), out, rtol=0, atol=0)  # a float input is quantized the same way
-    exact = x.double() @ linear.weight.double().T + linear.bias.double()
-    assert rel_error(out, exact) < 2e-2  # int8 rounding of both operands (e4m3 would cost ~4e-2)
+    want = int8_linear_reference(x, torch.ones(m, 1), w, torch.ones(n))
+    torch.testing.assert_close(want, (x.long() @ w.long().T).double(), rtol=0, atol=0)
+    torch.testing.assert_close(y.cpu().double(), want, rtol=0, atol=0)
 
 
 def test_int8_linear_refuses_wrong_operands():
