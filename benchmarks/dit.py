@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from attention import attention_rows, engine_table, format_rows, token_grid
+from attention import BACKENDS, attention_rows, engine_table, format_rows, token_grid
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="4-step samples per fast setting (eager: 1)")
     parser.add_argument("--attentions", default=",".join(options.ATTENTION_OPTIONS), help="fast settings' attention")
     parser.add_argument("--linears", default=",".join(options.LINEAR_OPTIONS), help="fast settings' linears")
+    parser.add_argument("--table-backends", default=",".join(BACKENDS),
+                        help="backends of the attention table (1.), from which the rule (4.) picks")  # fmt: skip
     parser.add_argument("--results", type=Path, help="append the markdown tables to this file")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
@@ -203,7 +205,7 @@ def main() -> None:
     grid = token_grid(config, *sizes[0])
     seq = math.prod(grid) + TEXT_LEN
     flops = attn.attention_flops(1, seq, config.num_heads, config.head_dim)
-    rows = attention_rows(config, grid)
+    rows = attention_rows(config, grid, tuple(args.table_backends.split(",")))
     emit([f"Attention, one call: [1, {seq}, {config.num_heads}, {config.head_dim}], {flops / 1e12:.2f} TFLOP; "
           "error = rel. L2 vs float64 on the first and last head (**bold**: the tiling the engine runs)", "",
           *format_rows(rows, flops)])  # fmt: skip
