@@ -1,21 +1,32 @@
-"""Lower the DiT's fp8 Triton kernels for sm_90 as AOTInductor calls them (test helper, run with TRITON_INTERPRET=0).
+"""Lower the DiT's 8-bit Triton kernels for sm_90 (test helper, run with TRITON_INTERPRET=0; no GPU needed: Triton's
+bundled LLVM and ptxas compile them).
 
-Inductor types a Python float argument of a user-defined Triton kernel as fp64 (the JIT types it fp32). Triton
-cannot lower an fp64 -> e4m3 conversion, so a kernel whose float argument reaches an fp8 store stops AOTI's compile
-("PassManager::run failed"). Compilation here needs no GPU (Triton's bundled LLVM and ptxas). Prints, per kernel, a
-JSON line: whether it lowered to a cubin, and the TTIR lines that compute in fp64.
+`python sm90_lowering.py` (the fp64 cases): the kernels as AOTInductor calls them. Inductor types a Python float
+argument of a user-defined Triton kernel as fp64 (the JIT types it fp32). Triton cannot lower an fp64 -> e4m3
+conversion, so a kernel whose float argument reaches an fp8 store stops AOTI's compile ("PassManager::run failed").
+`python sm90_lowering.py int8-gemm`: the int8 GEMM at its Hopper tilings, typed as the JIT specialises the DiT's
+calls (16-byte aligned pointers, K and N multiples of 16), to show its tensor-core instructions and whether the
+main loop is pipelined (cp.async stages in shared memory).
+Prints, per kernel, a JSON line: whether it lowered to a cubin, the TTIR lines that compute in fp64, the PTX's
+wgmma instruction kinds, its cp.async count and the kernel's shared memory.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from k4serve.kernels.attention import _attention_kernel
+from k4serve.kernels.int8_gemm import _int8_gemm_kernel
 from k4serve.kernels.norm_modulate import _norm_modulate_kernel
 from k4serve.kernels.qk_norm_rope import _qk_norm_rope_kernel
 
@@ -52,19 +63,45 @@ CASES = {
 }  # fmt: skip
 
 
-def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, warps: int) -> dict:
-    names = inspect.signature(kernel.fn).parameters
+def int8_gemm_cases() -> dict[str, tuple]:
+    """The int8 GEMM's GPU tilings (its autotune configs, read in a process without the interpreter)."""
+    jit = _int8_gemm_kernel.fn.fn  # autotune -> heuristics -> the JIT function
+    types = dict(x_ptr="*i8", w_ptr="*i8", x_scale_ptr=F32, w_scale_ptr=F32, bias_ptr=BF16, y_ptr=BF16, M="i32",
+                 N="i32", K="i32")  # fmt: skip
+    aligned = ("x_ptr", "w_ptr", "x_scale_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "N", "K")
+    return {
+        f"int8 gemm {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}": (
+            jit, types, dict(HAS_BIAS=True, EVEN_K=True, **c.kwargs), c.num_warps, c.num_stages, aligned)
+        for c in _int8_gemm_kernel.configs
+    }  # fmt: skip
+
+
+def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, warps: int, stages: int = 3,
+          aligned: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    names = list(inspect.signature(kernel.fn).parameters)
     signature = {name: "constexpr" if name in constexprs else types[name] for name in names}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages})  # fmt: skip
     except Exception as error:  # noqa: BLE001 - reported to the test, which names the kernel
         return {"cubin": False, "error": f"{type(error).__name__}: {str(error)[:300]}", "fp64": []}
     fp64 = [line.split(" loc(")[0].strip() for line in compiled.asm["ttir"].splitlines()
             if "f64" in line and "tt.func" not in line]  # fmt: skip
-    return {"cubin": bool(compiled.asm.get("cubin")), "error": "", "fp64": fp64}
+    ptx = compiled.asm["ptx"]
+    return {"cubin": bool(compiled.asm.get("cubin")), "error": "", "fp64": fp64,
+            "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.[\w.]+", ptx))),
+            "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)), "shared": compiled.metadata.shared}  # fmt: skip
+
+
+def lower_in_subprocess(*args: str) -> tuple[list[dict], str]:
+    """Run this helper with `args` in a process without Triton's interpreter: (its JSON reports, its stderr)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=600)
+    return [json.loads(line) for line in run.stdout.splitlines()], run.stderr[-2000:]
 
 
 if __name__ == "__main__":
-    for name, case in CASES.items():
+    for name, case in (int8_gemm_cases() if sys.argv[1:] == ["int8-gemm"] else CASES).items():
         print(json.dumps({"kernel": name, **lower(*case)}))

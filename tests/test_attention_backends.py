@@ -226,6 +226,8 @@ def test_help_states_every_option_and_its_measured_error():
         assert f"error {option.error:.1e}" in text if option.error is not None else "not yet measured" in text
     assert "cuda > fa4 > triton" in options.describe_attention("auto")
     assert "x0 error 5.2e-02" in options.describe_linear("fp8")
+    assert "not yet measured" in options.describe_linear("int8")  # no DiT row yet: the rule cannot pick it
+    assert options.resolve_fast_options("auto", "auto", "cuda")[1] == "bf16"
 
 
 # ---- our CUDA kernel (k4serve/kernels/attention_sm90.cu) ----

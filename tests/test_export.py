@@ -282,17 +282,10 @@ def test_fp8_kernels_lower_for_sm90_with_inductors_fp64_float_arguments():
     """AOTI passes our kernels' Python floats (eps, the softmax scale) as fp64; each 8-bit kernel must still lower to
     a cubin (an fp64 value reaching the e4m3 store stopped the fp8 DiT's export on the H200) and compute in fp32:
     the only fp64 op left is the argument's conversion."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from sm90_lowering import lower_in_subprocess
 
-    helper = Path(__file__).with_name("sm90_lowering.py")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(helper.parents[1])}
-    run = subprocess.run([sys.executable, str(helper)], capture_output=True, text=True, env=env, timeout=600)
-    reports = [json.loads(line) for line in run.stdout.splitlines()]
-    assert len(reports) == 4, run.stderr[-2000:]  # the cases of sm90_lowering.py
+    reports, stderr = lower_in_subprocess()
+    assert len(reports) == 4, stderr  # the cases of sm90_lowering.py
     for report in reports:
         assert report["cubin"], report
         assert len(report["fp64"]) == 1 and "arith.truncf" in report["fp64"][0], report

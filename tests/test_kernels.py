@@ -313,6 +313,19 @@ def test_int8_gemm_accumulates_exactly(m, n, k):
     torch.testing.assert_close(y.cpu().double(), want, rtol=0, atol=0)
 
 
+def test_int8_gemm_lowers_to_pipelined_hopper_int8_tensor_core_code():
+    """Every GPU tiling of the int8 GEMM compiles for sm_90 (no GPU needed) to int8 wgmma (s32 += s8 x s8), its
+    operand tiles staged by cp.async into at least two shared-memory buffers: the main loop is pipelined (typed
+    without the JIT's alignment facts, the same kernel falls back to one buffer loaded through registers)."""
+    from sm90_lowering import lower_in_subprocess
+
+    reports, stderr = lower_in_subprocess("int8-gemm")
+    assert len(reports) == 5, stderr
+    for report in reports:
+        assert report["cubin"] and report["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"], report
+        assert report["cp_async"] > 0 and report["shared"] >= 2 * 48 * 1024, report  # one 128x256x128 stage: 48 KiB
+
+
 def test_int8_linear_refuses_wrong_operands():
     w = torch.zeros(8, 32, dtype=torch.int8, device=DEVICE)
     with pytest.raises(ValueError, match="int8 x"):

@@ -175,6 +175,6 @@ def describe_linear(name: str) -> str:
     exact = set(bf16_level(recorded_attention_table()))
     rows = sorted(((a not in exact, x0, a) for (a, linear), (_, x0) in DIT_TABLE.items() if linear == name))
     if not rows:
-        return LINEAR_OPTIONS[name]
+        return f"{LINEAR_OPTIONS[name]} (not yet measured on a GPU)"
     _, x0, attention = rows[0]  # measured with a bf16-level attention where such a row exists
     return f"{LINEAR_OPTIONS[name]} (x0 error {x0:.1e} with attention {attention})"
