@@ -101,7 +101,7 @@ class V2ASettings:
     device: str | dict[str, str] = "cpu"
     engine: str = "eager"  # V2A_ENGINES
     engine_dir: str | None = None  # aoti | tensorrt | onnxruntime: the folder `k4serve export` wrote
-    linear: str = "bf16"  # the fast engine's UNet linears: bf16 | fp8 | fp8-fast (GPU; error in benchmarks/v2a.py)
+    linear: str = "bf16"  # the fast engine's UNet linears: bf16 | fp8 | fp8-fast | int8 (GPU; fp8: benchmarks/v2a.py)
     mp4_preset: str = DEFAULT_MP4_PRESET  # H.264 settings of add_audio (video_io.MP4_PRESETS)
     seed: int = 0  # random-weight seed when no weights are given
 
