@@ -3,6 +3,8 @@ on a GPU with the package against torch's float32 conv3d."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,85 @@ def test_the_engine_with_cudnn_convs_matches_torchs_convs_and_replays_exactly():
     assert relative_error(video, expected) < 2e-2  # two bf16 decodes: different conv kernels and roundings
     assert torch.equal(fast.decode(z), video)
     assert torch.equal(FastVAEDecoder(decoder, cuda_graphs=False, convs="cudnn").decode(z), video)
+
+
+class FakeGraph:
+    """The cuDNN frontend graph calls that `tune` makes, over plans with given names and times (ms)."""
+
+    def __init__(self, plans: dict[str, float], clock: list[float]):
+        self.names, self.times, self.clock = list(plans), list(plans.values()), clock
+        self.built: list[int] = []
+
+    def validate(self): ...
+    def build_operation_graph(self): ...
+    def create_execution_plans(self, modes): ...
+    def check_support(self): ...
+
+    def get_execution_plan_count(self) -> int:
+        return len(self.names)
+
+    def get_plan_name_at_index(self, index: int) -> str:
+        return self.names[index]
+
+    def build_plans(self, policy):
+        self.built = list(range(len(self.names)))
+
+    def build_plan_at_index(self, index: int):
+        self.built.append(index)
+
+    def get_workspace_size_plan_at_index(self, index: int) -> int:
+        assert index in self.built, "a workspace size is asked of a plan that was not built"
+        return 16 * (index + 1)
+
+    def execute_plan_at_index(self, pack, workspace, index, handle):
+        assert index in self.built and workspace.numel() >= 16 * (index + 1)
+        self.clock.append(self.times[index])  # what a timed run of it takes
+
+
+class FakeCudnn:
+    class heur_mode:
+        A = FALLBACK = None
+
+    class build_plan_policy:
+        ALL = None
+
+
+def test_tune_times_every_plan_then_builds_only_the_recorded_one(monkeypatch):
+    plans = {"eng0_k2=1": 3.0, "eng4_k3=2": 1.0, "eng7": 2.0}
+    clock = []
+    monkeypatch.setattr(library_conv, "median_ms", lambda run: (run(), clock[-1])[1])
+    pack = {"x": torch.zeros(2)}
+    tuned = library_conv.tune(FakeCudnn, FakeGraph(plans, clock), pack, handle=None)
+    assert (tuned.index, tuned.name, tuned.timed, tuned.workspace.numel()) == (1, "eng4_k3=2", 3, 32)
+
+    again = FakeGraph(plans, clock)
+    tuned = library_conv.tune(FakeCudnn, again, pack, handle=None, recorded="eng7")
+    assert (tuned.index, tuned.name, tuned.timed, again.built, tuned.workspace.numel()) == (2, "eng7", 0, [2], 48)
+    # a recorded plan the heuristics no longer offer (another cuDNN): every plan is timed again
+    tuned = library_conv.tune(FakeCudnn, FakeGraph(plans, clock), pack, handle=None, recorded="eng9")
+    assert (tuned.name, tuned.timed) == ("eng4_k3=2", 3)
+
+
+def test_plan_records_merge_across_writers_and_survive_a_torn_file(tmp_path, monkeypatch):
+    first, second = library_conv.PlanRecord(tmp_path / "plans.json"), library_conv.PlanRecord(tmp_path / "plans.json")
+    first.put("H200 | conv a", "eng1")
+    second.put("H200 | conv b", "eng2")  # another process: keeps what the first wrote
+    assert [first.get(key) for key in ("H200 | conv a", "H200 | conv b", "H100 | conv a")] == ["eng1", "eng2", None]
+    (tmp_path / "plans.json").write_text('{"H200 | conv a": "en')
+    assert first.get("H200 | conv a") is None  # timed again, never a wrong plan
+    monkeypatch.setenv("K4SERVE_CACHE", str(tmp_path / "cache"))
+    library_conv.PlanRecord().put("k", "eng3")  # the default path follows K4SERVE_CACHE at use
+    assert (tmp_path / "cache" / library_conv.RECORD).is_file()
+
+
+@needs_cudnn
+@pytest.mark.gpu
+def test_a_recorded_plan_gives_the_same_conv_in_a_new_process(tmp_path):
+    layout = torch.channels_last_3d
+    x = torch.randn(1, 32, 5, 12, 20, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=layout)
+    w = torch.randn(32, 32, 3, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=layout)
+    record = library_conv.PlanRecord(tmp_path / "plans.json")
+    out = library_conv.CudnnConv(record)(x, w, (0, 1, 1))
+    ((key, name),) = json.loads(record.path.read_text()).items()
+    assert torch.cuda.get_device_name() in key and "x [1, 32, 5, 12, 20]" in key and name
+    assert torch.equal(library_conv.CudnnConv(record)(x, w, (0, 1, 1)), out)  # a new CudnnConv: as a new process

@@ -16,7 +16,8 @@ of a chunk of T frames (the reference: `CausalConv3d`, `norm_silu_conv`):
      both passes of the next norm; its second: the pass that adds the skip connection, inside the next norm's
      statistics where one follows). Elsewhere `kernels/conv_bias.py` adds it (torch's broadcast add is slow).
      `convs="cudnn"` runs the cuDNN frontend's fastest plan per shape instead (`kernels/library_conv.py`): 4.9 %
-     off a 12 s decode on an H100, for a plan search of minutes at the first decode (benchmarks/RESULTS.md).
+     off a 12 s decode on an H100, for a plan search of minutes at the first decode on a machine; the choices
+     are recorded in the cache folder, so later processes build only the chosen plans (benchmarks/RESULTS.md).
 The reference instead copies the past frames in and clones the cache out; only step 2's copy is left here.
 `past` holds 2 frames of every causal conv's input (by count 2 x 524 M values, 2.1 GB at 384x672 in bf16; the
 eager decode holds the same cache while it runs): one flat buffer per conv, grown to the largest video seen and
@@ -89,7 +90,8 @@ class FastVAEDecoder:
     def __init__(self, decoder: CogVideoXDecoder, cuda_graphs: bool = True, cudnn_benchmark: bool = False,
                  convs: str = "torch"):  # fmt: skip
         """`convs`: what runs the convs: "torch" (torch's cuDNN path; `cudnn_benchmark` times its algorithms) or
-        "cudnn" (the cuDNN frontend's fastest plan per shape, found at the first decode of each video size)."""
+        "cudnn" (the cuDNN frontend's fastest plan per shape, searched at the first decode of each video size on
+        a machine, recorded in $K4SERVE_CACHE for the processes after it)."""
         for parameter in decoder.parameters():  # 3-D conv weights NDHWC, the upsamplers' 2-D ones NHWC
             if parameter.dim() in (4, 5):
                 layout = CHANNELS_LAST if parameter.dim() == 5 else torch.channels_last

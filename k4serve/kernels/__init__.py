@@ -8,6 +8,7 @@ process that imported triton earlier (torch._dynamo does) is told how to fix it.
 import contextlib
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -39,3 +40,9 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     the device of the tensors: work on a second GPU (a Triton instance on GPU 1, a device map) must say so.
     """
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cache_folder() -> Path:
+    """Where compiled kernels and tuned library plans are kept between processes: $K4SERVE_CACHE, else
+    ~/.cache/k4serve (a deployment points it at a folder baked into its image)."""
+    return Path(os.environ.get("K4SERVE_CACHE", Path.home() / ".cache" / "k4serve"))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from k4serve.kernels import cache_folder
 from k4serve.kernels.attention import Int8QK
 
 SOURCE = Path(__file__).with_name("attention_sm90.cu")
@@ -64,7 +65,7 @@ def library_path(out_dir: Path | None = None, source: Path = SOURCE) -> Path:
     """Where the build of `source` is cached: named by the hash of the source and the flags, so a changed kernel
     never loads a stale build."""
     digest = hashlib.sha256(source.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
-    out_dir = out_dir or Path(os.environ.get("K4SERVE_CACHE", Path.home() / ".cache" / "k4serve"))
+    out_dir = out_dir or cache_folder()
     return out_dir / f"attention_sm90_{digest}.so"
 
 

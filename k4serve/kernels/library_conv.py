@@ -4,7 +4,10 @@ configuration (plan) of a conv shape built and timed once, the fastest kept.
 Why: torch reaches cuDNN through its heuristics' first choices. At the decoder's full-resolution convs on an H100
 the frontend's fastest plan runs 1.11-1.13x faster than torch's conv3d (bf16, the same error against fp32); at
 the smaller shapes they are equal, or torch's is faster (the 512-channel convs: 0.164 against 0.213 ms). A 12 s
-decode takes 0.909 s instead of 0.956, but its first decode builds every plan of every shape: 215 s. fp8 operands
+decode takes 0.909 s instead of 0.956, but its first decode builds every plan of every shape: 215 s. So each
+choice is recorded by plan name in `$K4SERVE_CACHE/cudnn-conv-plans.json`, keyed by the GPU, the cuDNN version and
+the conv's shapes: a later process builds only the recorded plan (a deployment records them once, with its image).
+fp8 operands
 (e4m3, per-tensor scales) ran at 781-942 TFLOP/s with a rel. error of 3.8e-2 against bf16's 2.9e-3, too lossy for
 the frames, so the VAE stays bf16. (`benchmarks/vae_convs.py`, `benchmarks/vae.py`; benchmarks/RESULTS.md,
 2026-12-07.)
@@ -19,16 +22,20 @@ since timing them synchronizes; a capture that meets a new shape raises.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from k4serve.kernels import module_found
+from k4serve.kernels import cache_folder, module_found
 
 PACKAGE = "nvidia-cudnn-frontend"
+RECORD = "cudnn-conv-plans.json"  # in cache_folder()
 TIMED_RUNS = 3  # per plan, after one warm-up run; the median is kept
 
 
@@ -83,31 +90,76 @@ def median_ms(run: Callable[[], None], runs: int = TIMED_RUNS) -> float:
     return sorted(times)[len(times) // 2]
 
 
+class PlanRecord:
+    """Chosen plans by name, in a JSON file shared by the processes of a host (one per Triton instance): a key's
+    plan is written once it is timed and read at every later build. Writes merge with what others wrote, then
+    replace the file atomically, so a reader never sees half a file; two first writes at once lose one choice,
+    which is timed again later, never a wrong one."""
+
+    def __init__(self, path: Path | None = None):
+        self._path = path
+
+    @property
+    def path(self) -> Path:
+        return self._path or cache_folder() / RECORD  # read at each use: K4SERVE_CACHE may be set after import
+
+    def _read(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # none yet, or from a process killed before os.replace
+            return {}
+
+    def get(self, key: str) -> str | None:
+        return self._read().get(key)
+
+    def put(self, key: str, plan_name: str) -> None:
+        plans = self._read() | {key: plan_name}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(plans, indent=1, sort_keys=True))
+        partial.replace(self.path)
+
+
 @dataclass
 class TunedPlan:
     index: int  # of the fastest plan
+    name: str  # cuDNN's name of it: the engine and its knobs
     workspace: Tensor  # sized for it
-    count: int  # plans built
+    timed: int  # plans built and timed to choose it (0: the recorded one, built alone)
 
 
-def tune(cudnn: Any, graph: Any, pack: dict, handle: Any) -> TunedPlan:
+def tune(cudnn: Any, graph: Any, pack: dict, handle: Any, recorded: str | None = None) -> TunedPlan:
     """Build every plan of a defined cuDNN frontend graph, time each on the buffers of `pack` (graph tensor ->
-    torch tensor; on the handle's stream) and keep the fastest."""
+    torch tensor; on the handle's stream) and keep the fastest; or, where the plan named `recorded` is among
+    those the heuristics offer, build only it."""
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
-    graph.build_plans(cudnn.build_plan_policy.ALL)
     count = graph.get_execution_plan_count()
-    sizes = [graph.get_workspace_size_plan_at_index(i) for i in range(count)]
     device = next(iter(pack.values())).device
+    names = [graph.get_plan_name_at_index(i) for i in range(count)]
+    if recorded in names:
+        index = names.index(recorded)
+        graph.build_plan_at_index(index)
+        size = graph.get_workspace_size_plan_at_index(index)
+        return TunedPlan(index, recorded, torch.empty(max(size, 1), device=device, dtype=torch.uint8), 0)
+    graph.build_plans(cudnn.build_plan_policy.ALL)
+    sizes = [graph.get_workspace_size_plan_at_index(i) for i in range(count)]
     workspace = torch.empty(max([*sizes, 1]), device=device, dtype=torch.uint8)
 
     def time_plan(index: int) -> float:
         return median_ms(lambda: graph.execute_plan_at_index(pack, workspace, index=index, handle=handle))
 
     index = fastest_plan(count, time_plan)
-    return TunedPlan(index, workspace[: max(sizes[index], 1)].clone(), count)  # only what the chosen plan needs
+    return TunedPlan(index, names[index], workspace[: max(sizes[index], 1)].clone(), count)  # only what it needs
+
+
+def record_key(x: Tensor, weight: Tensor, padding: Sequence[int], cudnn_version: int) -> str:
+    """What a recorded plan choice holds for: the GPU model, the cuDNN library, the conv's shapes and dtype."""
+    gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    return (f"{gpu} | cudnn {cudnn_version} | x {list(x.shape)} w {list(weight.shape)} pad {list(padding)} "
+            f"{str(x.dtype).removeprefix('torch.')}")  # fmt: skip
 
 
 @dataclass
@@ -125,9 +177,10 @@ class CudnnConv:
     """cuDNN frontend conv_fprop graphs, one per (input and weight shapes, padding, dtype, device), each with its
     fastest plan, built on first use."""
 
-    def __init__(self):
+    def __init__(self, record: PlanRecord | None = None):
         self._plans: dict[tuple, _ConvPlan] = {}
         self._handles: dict[int, object] = {}
+        self.record = record or PlanRecord()
 
     def __call__(self, x: Tensor, weight: Tensor, padding: Sequence[int]) -> Tensor:
         if not (x.is_contiguous(memory_format=torch.channels_last_3d) and x.dim() == 5):
@@ -174,7 +227,10 @@ class CudnnConv:
                      *(x.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i] + 1 for i in range(3)))  # fmt: skip
         gy.set_output(True).set_dim(list(out_shape)).set_stride(ndhwc_strides(out_shape)).set_data_type(dtype)
         out = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
-        tuned = tune(cudnn, graph, {gx: x, gw: weight, gy: out}, handle)
+        key = record_key(x, weight, padding, cudnn.backend_version())
+        tuned = tune(cudnn, graph, {gx: x, gw: weight, gy: out}, handle, self.record.get(key))
+        if tuned.timed:
+            self.record.put(key, tuned.name)
         return _ConvPlan(graph, gx, gw, gy, tuned.index, tuned.workspace, out_shape)
 
 
