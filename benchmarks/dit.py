@@ -183,6 +183,11 @@ def main() -> None:
     parser.add_argument("--linears", default=",".join(options.LINEAR_OPTIONS), help="fast settings' linears")
     parser.add_argument("--table-backends", default=",".join(BACKENDS),
                         help="backends of the attention table (1.), from which the rule (4.) picks")  # fmt: skip
+    parser.add_argument(
+        "--profile-linears",
+        default="bf16",
+        help="fast settings with these linears also get the kernel time per forward (one more forward)",
+    )
     parser.add_argument("--results", type=Path, help="append the markdown tables to this file")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
@@ -233,7 +238,7 @@ def main() -> None:
                 continue
             try:
                 repeats = 1 if isinstance(setting, str) else args.repeats
-                profile = i == 0 and not isinstance(setting, str) and linear == "bf16"
+                profile = i == 0 and not isinstance(setting, str) and linear in args.profile_linears.split(",")
                 results[setting] = r = run_path(dit, setting, shape, text, repeats, profile)
             except Exception as error:  # one setting failing must not stop the others
                 emit([f"| {size} | {path} | {attention} | {linear} | failed: {type(error).__name__}: "

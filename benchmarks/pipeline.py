@@ -11,6 +11,7 @@ while the GPU decodes the next). total = T5 + DiT + that. Engines:
   fast           `PipelineSettings(engine="fast")` with every other setting at the pipeline's defaults: the default
                  attention and linear kernels, the channels-last CUDA-graphed VAE, the default mp4 preset
   fast-official-mp4   the same with the official writer's x264 settings
+  fast-int8-linears   the same with int8 DiT GEMMs (`--linear int8`)
 `--fast-attention NAME` runs the fast engines with that DiT attention instead of the default's.
 x0 and frame errors are relative L2 errors against the eager row's latents and uint8 frames for the same seed (the
 first engine given should be `eager`). Each engine is warmed up once, then timed `--repeat` times; medians are
@@ -43,6 +44,7 @@ ENGINES = {
     "eager-cudnn": EAGER,
     "fast": {"engine": "fast"},
     "fast-official-mp4": {"engine": "fast", "mp4_preset": "official"},
+    "fast-int8-linears": {"engine": "fast", "linear": "int8"},
 }
 TARGET_S = 3.0
 PROMPT = "a red fox running through fresh snow, golden hour"
