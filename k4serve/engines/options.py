@@ -55,9 +55,10 @@ LINEAR = (AUTO, *LINEAR_OPTIONS)
 # (attention, linear) -> (seconds for 4 DiT steps, x0 rel. error vs bf16 eager) at 12 s 384x672: benchmarks/RESULTS.md,
 # one H200 on 2026-12-02 (`benchmarks/dit.py --sizes 384x672x12`), except the rows of fa4, triton and cuda with bf16
 # linears: one H200 on 2026-12-07 (`benchmarks/dit.py --attentions cuda,fa4,triton --linears bf16`); the rows of
-# triton-fp8 attention and of plain fp8 linears: one H100 on 2026-11-25; and of cuda-int8: one H100 on 2026-12-07
-# with the kernel's cp.async build (the x0 errors are the device-independent part; the rule compares times within
-# one backend).
+# triton-fp8 attention and of plain fp8 linears: one H100 on 2026-11-25; of cuda-int8: one H100 on 2026-12-07 with the
+# kernel's cp.async build; and of cuda with int8 linears: one H100 on 2026-12-07 (`--attentions cuda --linears
+# bf16,int8`), where cuda + bf16 took 4.03 s in the same run, as on the H200 (the x0 errors are the
+# device-independent part; the rule compares times within one backend).
 DIT_TABLE: dict[tuple[str, str], tuple[float, float]] = {
     ("fa4", "bf16"): (4.05, 1.20e-2),
     ("fa4", "fp8-fast"): (3.47, 5.22e-2),
@@ -66,6 +67,7 @@ DIT_TABLE: dict[tuple[str, str], tuple[float, float]] = {
     ("triton-int8", "bf16"): (4.42, 1.21e-2),
     ("triton-int8", "fp8-fast"): (3.80, 5.22e-2),
     ("cuda", "bf16"): (4.03, 1.20e-2),
+    ("cuda", "int8"): (3.64, 2.28e-2),
     ("cuda-int8", "bf16"): (5.41, 1.21e-2),
     ("cuda-int8", "fp8-fast"): (4.82, 5.22e-2),
     ("triton", "fp8"): (4.21, 5.21e-2),
@@ -132,7 +134,7 @@ def unavailable_reason(attention: str, device: str, head_dim: int | None = None)
 
 def resolve_fast_options(attention: str, linear: str, device: str, head_dim: int | None = None) -> tuple[str, str]:
     """Replace `auto` by the rule's choice for `device` (and a model of `head_dim`: the tiny presets' 8 leaves only
-    sdpa); refuse unknown names and backends that cannot run here."""
+    sdpa; a CPU keeps bf16 linears); refuse unknown names and backends that cannot run here."""
     if attention not in ATTENTION or linear not in LINEAR:
         raise ValueError(
             f"attention must be one of {ATTENTION} and linear one of {LINEAR}; got {attention!r}, {linear!r}"
@@ -146,6 +148,8 @@ def resolve_fast_options(attention: str, linear: str, device: str, head_dim: int
         from k4serve.kernels.library_attention import BackendUnavailable
 
         raise BackendUnavailable(f"attention={attention!r}: {reason}")
+    if not device.startswith("cuda"):  # the tables time tensor cores; the CPU runs 8-bit GEMMs in Triton's
+        default_linear = "bf16"  # interpreter: slower than bf16 there, and lossier for nothing
     return attention, default_linear if linear == AUTO else linear
 
 
