@@ -282,15 +282,16 @@ LINEARS_8BIT = {
 def test_8bit_linear_against_dequantized_and_exact_products(quant):
     layer_type, dtype, quantize, exact_bound = LINEARS_8BIT[quant]
     g = torch.Generator().manual_seed(14)
-    linear = torch.nn.Linear(160, 72).to(DEVICE, torch.bfloat16)  # K = 160: ragged for the int8 GEMM's K tiles
+    # K = 160, N = 80: ragged for the int8 GEMM's tiles, multiples of 16 as cuBLAS fp8 needs
+    linear = torch.nn.Linear(160, 80).to(DEVICE, torch.bfloat16)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(72, 160, generator=g) / math.sqrt(160))
+        linear.weight.copy_(torch.randn(80, 160, generator=g) / math.sqrt(160))
     x = torch.randn(3, 45, 160, generator=g).to(DEVICE, torch.bfloat16)
     layer = layer_type.from_linear(linear)
-    assert layer.weight.dtype == dtype and layer.weight_scale.numel() == 72
+    assert layer.weight.dtype == dtype and layer.weight_scale.numel() == 80
     x8, x_scale = quantize(x)
     out = layer(x8, x_scale)
-    assert out.shape == (3, 45, 72) and out.dtype == torch.bfloat16
+    assert out.shape == (3, 45, 80) and out.dtype == torch.bfloat16
     dequant = (x8.double() * x_scale) @ layer.dequantized_weight().double().T + linear.bias.double()
     assert rel_error(out, dequant) < 6e-3  # only the bf16 output rounding remains
     torch.testing.assert_close(layer(x), out, rtol=0, atol=0)  # a float input is quantized the same way
