@@ -4,11 +4,11 @@ bundled LLVM and ptxas compile them).
 `python sm90_lowering.py` (the fp64 cases): the kernels as AOTInductor calls them. Inductor types a Python float
 argument of a user-defined Triton kernel as fp64 (the JIT types it fp32). Triton cannot lower an fp64 -> e4m3
 conversion, so a kernel whose float argument reaches an fp8 store stops AOTI's compile ("PassManager::run failed").
-`python sm90_lowering.py int8-gemm`: the int8 GEMM at its Hopper tilings, typed as the JIT specialises the DiT's
-calls (16-byte aligned pointers, K and N multiples of 16), to show its tensor-core instructions and whether the
-main loop is pipelined (cp.async stages in shared memory).
+`python sm90_lowering.py int8-gemm`: both int8 GEMMs (pointer and TMA-descriptor loads) at their Hopper tilings, typed
+as the JIT specialises the DiT's calls (16-byte aligned pointers, K and N multiples of 16), to show their tensor-core
+instructions and whether the main loop is pipelined (cp.async or TMA stages in shared memory).
 Prints, per kernel, a JSON line: whether it lowered to a cubin, the TTIR lines that compute in fp64, the PTX's
-wgmma instruction kinds, its cp.async count and the kernel's shared memory.
+wgmma instruction kinds, its cp.async and TMA-copy counts and the kernel's shared memory.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from k4serve.kernels.attention import _attention_kernel
-from k4serve.kernels.int8_gemm import _int8_gemm_kernel
+from k4serve.kernels.int8_gemm import _int8_gemm_kernel, _int8_gemm_tma_kernel
 from k4serve.kernels.norm_modulate import _norm_modulate_kernel
 from k4serve.kernels.qk_norm_rope import _qk_norm_rope_kernel
 
@@ -64,16 +64,24 @@ CASES = {
 
 
 def int8_gemm_cases() -> dict[str, tuple]:
-    """The int8 GEMM's GPU tilings (its autotune configs, read in a process without the interpreter)."""
-    jit = _int8_gemm_kernel.fn.fn  # autotune -> heuristics -> the JIT function
-    types = dict(x_ptr="*i8", w_ptr="*i8", x_scale_ptr=F32, w_scale_ptr=F32, bias_ptr=BF16, y_ptr=BF16, M="i32",
-                 N="i32", K="i32")  # fmt: skip
-    aligned = ("x_ptr", "w_ptr", "x_scale_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "N", "K")
-    return {
-        f"int8 gemm {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}": (
-            jit, types, dict(HAS_BIAS=True, EVEN_K=True, **c.kwargs), c.num_warps, c.num_stages, aligned)
-        for c in _int8_gemm_kernel.configs
-    }  # fmt: skip
+    """Both int8 GEMMs at their GPU tilings (the autotune configs, read in a process without the interpreter)."""
+    scalars = dict(x_scale_ptr=F32, w_scale_ptr=F32, bias_ptr=BF16, y_ptr=BF16, M="i32", N="i32", K="i32")
+    cases = {}
+    for loads, kernel in (("pointers", _int8_gemm_kernel), ("tma", _int8_gemm_tma_kernel)):
+        jit = kernel.fn.fn if loads == "pointers" else kernel.fn  # autotune (-> heuristics) -> the JIT function
+        for c in kernel.configs:
+            m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            if loads == "pointers":
+                types = dict(x_ptr="*i8", w_ptr="*i8", **scalars)
+                constexprs = dict(HAS_BIAS=True, EVEN_K=True, **c.kwargs)
+                aligned = ("x_ptr", "w_ptr", "x_scale_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "N", "K")
+            else:  # a descriptor's box is its config's tile
+                types = dict(x_desc=f"tensordesc<i8[{m}, {k}]>", w_desc=f"tensordesc<i8[{n}, {k}]>", **scalars)
+                constexprs = dict(HAS_BIAS=True, **c.kwargs)
+                aligned = ("x_scale_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "N", "K")
+            name = f"int8 gemm {loads} {m}x{n}x{k} w{c.num_warps} s{c.num_stages}"
+            cases[name] = (jit, types, constexprs, c.num_warps, c.num_stages, aligned)
+    return cases
 
 
 def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, warps: int, stages: int = 3,
@@ -92,7 +100,8 @@ def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, war
     ptx = compiled.asm["ptx"]
     return {"cubin": bool(compiled.asm.get("cubin")), "error": "", "fp64": fp64,
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.[\w.]+", ptx))),
-            "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)), "shared": compiled.metadata.shared}  # fmt: skip
+            "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+            "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "shared": compiled.metadata.shared}  # fmt: skip
 
 
 def lower_in_subprocess(*args: str) -> tuple[list[dict], str]:

@@ -30,7 +30,7 @@ from k4serve.kernels.group_norm import (
     spatial_norm_silu,
     spatial_norm_silu_reference,
 )
-from k4serve.kernels.int8_gemm import Int8Linear, int8_linear, int8_linear_reference
+from k4serve.kernels.int8_gemm import LOADS, Int8Linear, int8_linear, int8_linear_reference
 from k4serve.kernels.norm_modulate import norm_modulate, norm_modulate_reference
 from k4serve.kernels.qk_norm_rope import qk_norm_rope_, qk_norm_rope_fp8, qk_norm_rope_reference
 from k4serve.kernels.quantize import (
@@ -299,32 +299,36 @@ def test_8bit_linear_against_dequantized_and_exact_products(quant):
     assert rel_error(out, exact) < exact_bound  # e4m3 rounds each operand by ~4 %, int8 by ~1 %
 
 
-@pytest.mark.parametrize("m, n, k", [(37, 50, 96), (300, 260, 384)])  # ragged rows / columns; K masked and even
-def test_int8_gemm_accumulates_exactly(m, n, k):
+@pytest.mark.parametrize("loads", LOADS)
+@pytest.mark.parametrize("m, n, k", [(37, 50, 96), (300, 260, 384), (37, 50, 208), (5, 40, 200)])
+def test_int8_gemm_accumulates_exactly(m, n, k, loads):
     """Integer operands with unit scales: the fp32 output must be the exact integer product (no int8 / fp16
-    accumulation anywhere; the largest sums here need 23 bits)."""
+    accumulation anywhere; the largest sums here need 23 bits). Rows and columns are ragged; K is a multiple of
+    the tile, ragged in the last tile (208: the TMA's zero fill), or not a multiple of 16 (200: no TMA)."""
     g = torch.Generator().manual_seed(15)
     x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     x[0], w[0] = 127, -127  # one extreme product sum: -k·127²
     y = int8_linear(x.to(DEVICE), torch.ones(m, 1, device=DEVICE), w.to(DEVICE), torch.ones(n, device=DEVICE),
-                    out_dtype=torch.float32)  # fmt: skip
+                    out_dtype=torch.float32, loads=loads)  # fmt: skip
     want = int8_linear_reference(x, torch.ones(m, 1), w, torch.ones(n))
     torch.testing.assert_close(want, (x.long() @ w.long().T).double(), rtol=0, atol=0)
     torch.testing.assert_close(y.cpu().double(), want, rtol=0, atol=0)
 
 
 def test_int8_gemm_lowers_to_pipelined_hopper_int8_tensor_core_code():
-    """Every GPU tiling of the int8 GEMM compiles for sm_90 (no GPU needed) to int8 wgmma (s32 += s8 x s8), its
-    operand tiles staged by cp.async into at least two shared-memory buffers: the main loop is pipelined (typed
-    without the JIT's alignment facts, the same kernel falls back to one buffer loaded through registers)."""
+    """Every GPU tiling of both int8 GEMMs compiles for sm_90 (no GPU needed) to int8 wgmma (s32 += s8 x s8), its
+    operand tiles staged into at least two shared-memory buffers (the main loop is pipelined: typed without the
+    JIT's alignment facts, the pointer kernel falls back to one buffer loaded through registers), by cp.async
+    or, in the descriptor kernel, by the TMA engine (cp.async.bulk.tensor)."""
     from sm90_lowering import lower_in_subprocess
 
     reports, stderr = lower_in_subprocess("int8-gemm")
-    assert len(reports) == 5, stderr
+    assert [r["kernel"].split()[2] for r in reports] == ["pointers"] * 5 + ["tma"] * 5, stderr
     for report in reports:
         assert report["cubin"] and report["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"], report
-        assert report["cp_async"] > 0 and report["shared"] >= 2 * 48 * 1024, report  # one 128x256x128 stage: 48 KiB
+        copies = report["tma"] if "tma" in report["kernel"] else report["cp_async"]
+        assert copies > 0 and report["shared"] >= 2 * 48 * 1024, report  # one 128x256x128 stage: 48 KiB
 
 
 def test_int8_linear_refuses_wrong_operands():
@@ -334,6 +338,9 @@ def test_int8_linear_refuses_wrong_operands():
     with pytest.raises(ValueError, match="one per row"):
         int8_linear(torch.zeros(4, 32, dtype=torch.int8, device=DEVICE), torch.ones(3, 1, device=DEVICE), w,
                     torch.ones(8, device=DEVICE))  # fmt: skip
+    with pytest.raises(ValueError, match="loads='cp.async': choose one of \\('pointers', 'tma'\\)"):
+        int8_linear(torch.zeros(4, 32, dtype=torch.int8, device=DEVICE), torch.ones(4, 1, device=DEVICE), w,
+                    torch.ones(8, device=DEVICE), loads="cp.async")  # fmt: skip
 
 
 # ---- VAE GroupNorm + spatial modulation + SiLU (group_norm.py) ----

@@ -18,38 +18,69 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor, nn
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from k4serve.kernels.gelu_quant import quantize_rows
 from k4serve.kernels.quantize import quantize_rowwise_int8
 
 
-def _configs() -> list[triton.Config]:
+def _set_tma_blocks(nargs: dict) -> None:
+    """A TMA config's tile is its descriptors' box: set before each launch (autotune tries several)."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _configs(tma: bool) -> list[triton.Config]:
     """Hopper tilings for the DiT's shapes (K, N multiples of 128): wgmma tiles of 128-256 rows and columns,
     128 bytes of K per stage; the CPU interpreter gets one small tile (every config would run there)."""
+    hook = _set_tma_blocks if tma else None
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, pre_hook=hook)]
     tiles = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 64, 8, 4),
              (128, 128, 128, 4, 4)]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                          pre_hook=hook)
             for m, n, k, w, s in tiles]  # fmt: skip
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _int8_gemm_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
-                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
-    # grouped order: GROUP_M consecutive row blocks walk the column blocks together, sharing W's tiles in L2
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile (row block, column block) in grouped order: GROUP_M consecutive row blocks
+    walk the column blocks together, sharing W's tiles in L2."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * grid_n
     first_m = (pid // per_group) * GROUP_M
     group_rows = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
 
+
+@triton.jit
+def _store_scaled(acc, pid_m, pid_n, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The epilogue: the int32 tile times both scales, plus the bias, rounded once to y's dtype."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = rows < M
+    in_cols = cols < N
+    x_scale = tl.load(x_scale_ptr + rows, mask=in_rows, other=0.0)
+    w_scale = tl.load(w_scale_ptr + cols, mask=in_cols, other=0.0)
+    y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_rows[:, None] & in_cols[None, :])
+
+
+@triton.autotune(configs=_configs(tma=False), key=["M", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _int8_gemm_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """Operands loaded through pointers (cp.async), any K."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -70,37 +101,54 @@ def _int8_gemm_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M
         acc = tl.dot(x, w, acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    _store_scaled(acc, pid_m, pid_n, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, HAS_BIAS, BLOCK_M, BLOCK_N)
 
-    in_rows = rows < M
-    in_cols = cols < N
-    x_scale = tl.load(x_scale_ptr + rows, mask=in_rows, other=0.0)
-    w_scale = tl.load(w_scale_ptr + cols, mask=in_cols, other=0.0)
-    y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_rows[:, None] & in_cols[None, :])
+
+@triton.autotune(configs=_configs(tma=True), key=["M", "N", "K"])
+@triton.jit
+def _int8_gemm_tma_kernel(x_desc, w_desc, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """Operands loaded by the TMA engine from descriptors (zero-filled past every edge, ragged K included)."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])  # [BLOCK_N, BLOCK_K] of W [N, K]
+        acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
+    _store_scaled(acc, pid_m, pid_n, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+LOADS = ("pointers", "tma")
 
 
 def int8_linear(x: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
-                out_dtype: torch.dtype = torch.bfloat16) -> Tensor:  # fmt: skip
+                out_dtype: torch.dtype = torch.bfloat16, loads: str = "pointers") -> Tensor:  # fmt: skip
     """x [..., K] int8 with its per-row fp32 scale [..., 1]; weight [N, K] int8 with its per-channel fp32 scale
-    [N]; bias [N] or None -> y [..., N] in `out_dtype`."""
+    [N]; bias [N] or None -> y [..., N] in `out_dtype`. `loads`: how the operand tiles reach shared memory,
+    "pointers" (cp.async: the measured default, benchmarks/NOTES.md) or "tma" (descriptors, where K is a multiple
+    of 16, the TMA's stride alignment; else pointers), which `benchmarks/dit.py` times beside it."""
     n, k = weight.shape
     if x.dtype != torch.int8 or weight.dtype != torch.int8 or x.shape[-1] != k:
         raise ValueError(f"int8_linear wants int8 x [..., {k}] and int8 weight [N, K]; got x {x.dtype} "
                          f"{tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("int8_linear wants contiguous x and weight (rows of K bytes)")
+    if loads not in LOADS:
+        raise ValueError(f"loads={loads!r}: choose one of {LOADS}")
     m = x.numel() // k
     if x_scale.numel() != m or weight_scale.numel() != n or (bias is not None and bias.numel() != n):
         raise ValueError(f"scales must be one per row of x ({m}) and per output channel ({n}), bias one per channel")
     y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=out_dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _int8_gemm_kernel[grid](
-        x, weight, x_scale.float().contiguous(), weight_scale.float().contiguous(), bias, y, m, n, k,
-        HAS_BIAS=bias is not None,
-    )  # fmt: skip
+    scales = (x_scale.float().contiguous(), weight_scale.float().contiguous(), bias, y, m, n, k)
+    if loads == "tma" and k % 16 == 0:
+        # the box is set per config (_set_tma_blocks)
+        x_desc = TensorDescriptor.from_tensor(x.reshape(m, k), [1, 16])
+        w_desc = TensorDescriptor.from_tensor(weight, [1, 16])
+        _int8_gemm_tma_kernel[grid](x_desc, w_desc, *scales, HAS_BIAS=bias is not None)
+    else:
+        _int8_gemm_kernel[grid](x, weight, *scales, HAS_BIAS=bias is not None)
     return y
 
 
