@@ -231,6 +231,7 @@ def test_help_states_every_option_and_its_measured_error():
     assert "cuda > fa4 > triton" in options.describe_attention("auto")
     assert "x0 error 5.2e-02" in options.describe_linear("fp8")
     assert "x0 error 2.3e-02 with attention cuda" in options.describe_linear("int8")
+    assert "(int8 on a GPU, bf16 on the CPU)" in options.describe_linear("auto")
     assert options.resolve_fast_options("auto", "auto", "cuda")[1] == "int8"
     assert options.resolve_fast_options("auto", "auto", "cpu", head_dim=8)[1] == "bf16"  # the CPU keeps bf16
 

@@ -175,7 +175,8 @@ def describe_attention(name: str) -> str:
 def describe_linear(name: str) -> str:
     """One line for --help: the linears' kind and the x0 error measured with a bf16-level attention."""
     if name == AUTO:
-        return f"the fastest linears keeping x0 within {X0_BUDGET:g} of bf16 eager"
+        pick = choose_fast_default(recorded_attention_table(), DIT_TABLE)[1]
+        return f"the fastest linears keeping x0 within {X0_BUDGET:g} of bf16 eager ({pick} on a GPU, bf16 on the CPU)"
     exact = set(bf16_level(recorded_attention_table()))
     rows = sorted(((a not in exact, x0, a) for (a, linear), (_, x0) in DIT_TABLE.items() if linear == name))
     if not rows:
