@@ -6,11 +6,10 @@ the frontend's fastest plan runs 1.11-1.13x faster than torch's conv3d (bf16, th
 the smaller shapes they are equal, or torch's is faster (the 512-channel convs: 0.164 against 0.213 ms). A 12 s
 decode takes 0.909 s instead of 0.956, but its first decode builds every plan of every shape: 215 s. So each
 choice is recorded by plan name in `$K4SERVE_CACHE/cudnn-conv-plans.json`, keyed by the GPU, the cuDNN version and
-the conv's shapes: a later process builds only the recorded plan (a deployment records them once, with its image).
-fp8 operands
-(e4m3, per-tensor scales) ran at 781-942 TFLOP/s with a rel. error of 3.8e-2 against bf16's 2.9e-3, too lossy for
-the frames, so the VAE stays bf16. (`benchmarks/vae_convs.py`, `benchmarks/vae.py`; benchmarks/RESULTS.md,
-2026-12-07.)
+the conv's shapes: a later process builds only the recorded plan (a deployment can keep the file in its image's
+K4SERVE_CACHE). fp8 operands (e4m3, per-tensor scales) ran at 781-942 TFLOP/s with a rel. error of 3.8e-2 against
+bf16's 2.9e-3, too lossy for the frames, so the VAE stays bf16. (`benchmarks/vae_convs.py`, `benchmarks/vae.py`;
+benchmarks/RESULTS.md, 2026-12-07.)
 
 Contract: `cudnn_conv(x, weight, padding)` is F.conv3d(x, weight, padding=padding) (stride 1, no bias) for NDHWC
 (channels_last_3d) x and weight, with an NDHWC output; same dtype in and out, float32 accumulation. The package
