@@ -47,6 +47,23 @@ def test_8bit_paths_stay_close_to_module(attention, linear, bound):
     assert rel_error(engine(x, text, time), dit(x, text, time)) < bound
 
 
+def test_dropping_the_source_weights_keeps_the_output_and_frees_the_bf16_copies():
+    kept, dropped = build_dit(SMALL, seed=3), build_dit(SMALL, seed=3)
+    x, text, time = inputs(SMALL, "cpu", torch.float32)
+    expected = FastDiT(kept, attention="sdpa", linear="int8")(x, text, time)
+    params_before = sum(p.numel() for p in dropped.parameters())
+    engine = FastDiT(dropped, attention="sdpa", linear="int8", keep_source_weights=False)
+    torch.testing.assert_close(engine(x, text, time), expected, rtol=0, atol=0)
+    attention, ff = SMALL.model_dim, SMALL.ff_dim
+    linear_weights = 2 * SMALL.num_blocks * (3 * attention * attention + attention * attention + 2 * attention * ff)
+    assert params_before - sum(p.numel() for p in dropped.parameters()) == linear_weights
+    assert sum(layer.weight.numel() for layer in engine.quantized_linears) == linear_weights  # int8, held by the engine
+    with pytest.raises(RuntimeError, match="handed to a FastDiT engine"):
+        dropped(x, text, time)
+    assert len(FastDiT(kept, attention="sdpa", linear="bf16", keep_source_weights=False).quantized_linears) == 0
+    kept(x, text, time)  # bf16 linears are the module's own: nothing was dropped
+
+
 def test_engine_interface_and_bad_options():
     engine = FastDiT(build_dit(SMALL), attention="sdpa", cuda_graphs=False)
     assert isinstance(engine, Engine)

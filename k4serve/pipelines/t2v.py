@@ -246,7 +246,9 @@ class T2VPipeline:
         if self.settings.engine == "fast":
             from k4serve.engines.torch import FastDiT
 
-            return FastDiT(self.dit, attention=self.settings.attention, linear=self.settings.linear)
+            # the pipeline runs only the engine: the bf16 copies of the weights it quantizes need not stay
+            return FastDiT(self.dit, attention=self.settings.attention, linear=self.settings.linear,
+                           keep_source_weights=False)  # fmt: skip
         if self.settings.engine != "eager":
             raise ValueError(f"unknown engine {self.settings.engine!r}; choose one of {ENGINES}")
         device = torch.device(self.devices["dit"])

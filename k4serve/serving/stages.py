@@ -83,7 +83,9 @@ class T2VStage(PipelineStage):
 
     def held_modules(self) -> list:
         encoder = self.pipeline.text_encoder
-        return [encoder.encoder if encoder is not None else None, self.pipeline.dit, self.pipeline.vae]
+        # a fast DiT engine's 8-bit linears are its own tensors, beside what is left of the module
+        engine_linears = getattr(self.pipeline.denoiser, "quantized_linears", None)
+        return [encoder.encoder if encoder is not None else None, self.pipeline.dit, engine_linears, self.pipeline.vae]
 
 
 class TextEncoderModel(T2VStage):
