@@ -4,6 +4,8 @@ bundled LLVM and ptxas compile them).
 `python sm90_lowering.py` (the fp64 cases): the kernels as AOTInductor calls them. Inductor types a Python float
 argument of a user-defined Triton kernel as fp64 (the JIT types it fp32). Triton cannot lower an fp64 -> e4m3
 conversion, so a kernel whose float argument reaches an fp8 store stops AOTI's compile ("PassManager::run failed").
+`python sm90_lowering.py gelu-quant`: the GELU / quantize pass at the DiT's widths as `gelu_quant._launch` tiles them,
+with the counts of its special-function instructions in the PTX (erf's polynomial and exponential for 8-bit outputs).
 `python sm90_lowering.py int8-gemm`: both int8 GEMMs (pointer and TMA-descriptor loads) at their Hopper tilings, typed
 as the JIT specialises the DiT's calls (16-byte aligned pointers, K and N multiples of 16), to show their tensor-core
 instructions and whether the main loop is pipelined (cp.async or TMA stages in shared memory).
@@ -19,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import triton
@@ -26,6 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from k4serve.kernels.attention import _attention_kernel
+from k4serve.kernels.gelu_quant import _gelu_quant_kernel, row_chunks, row_warps
 from k4serve.kernels.int8_gemm import _int8_gemm_kernel, _int8_gemm_tma_kernel
 from k4serve.kernels.norm_modulate import _norm_modulate_kernel
 from k4serve.kernels.qk_norm_rope import _qk_norm_rope_kernel
@@ -84,6 +88,19 @@ def int8_gemm_cases() -> dict[str, tuple]:
     return cases
 
 
+def gelu_quant_cases() -> dict[str, tuple]:
+    """The FF GELU into each output format at the FF width, and the attention output's int8 quantize at the model's."""
+    cases = {}
+    for d, gelu, quant, y_type in ((12288, True, "int8", I8), (12288, True, "fp8", FP8), (12288, True, "", BF16),
+                                   (3072, False, "int8", I8)):  # fmt: skip
+        block, chunks = row_chunks(d)
+        constexprs = dict(D=d, BLOCK=block, CHUNKS=chunks, GELU=gelu, QUANT=quant)
+        types = dict(x_ptr=BF16, y_ptr=y_type, y_scale_ptr=F32)
+        name = f"gelu_quant D={d} gelu={gelu} quant={quant or 'bf16'}"
+        cases[name] = (_gelu_quant_kernel, types, constexprs, row_warps(d), 3, tuple(types))  # all 16-byte aligned
+    return cases
+
+
 def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, warps: int, stages: int = 3,
           aligned: tuple[str, ...] = ()) -> dict:  # fmt: skip
     names = list(inspect.signature(kernel.fn).parameters)
@@ -101,7 +118,8 @@ def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, war
     return {"cubin": bool(compiled.asm.get("cubin")), "error": "", "fp64": fp64,
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.[\w.]+", ptx))),
             "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
-            "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "shared": compiled.metadata.shared}  # fmt: skip
+            "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "shared": compiled.metadata.shared,
+            "special": dict(Counter(re.findall(r"\b(ex2|rsqrt|erf|rcp|div)\.[\w.]+", ptx)))}  # fmt: skip
 
 
 def lower_in_subprocess(*args: str) -> tuple[list[dict], str]:
@@ -112,5 +130,6 @@ def lower_in_subprocess(*args: str) -> tuple[list[dict], str]:
 
 
 if __name__ == "__main__":
-    for name, case in (int8_gemm_cases() if sys.argv[1:] == ["int8-gemm"] else CASES).items():
+    modes = {"int8-gemm": int8_gemm_cases, "gelu-quant": gelu_quant_cases}
+    for name, case in (modes[sys.argv[1]]() if sys.argv[1:] else CASES).items():
         print(json.dumps({"kernel": name, **lower(*case)}))

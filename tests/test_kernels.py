@@ -24,7 +24,7 @@ from k4serve.kernels.attention import (
     quantize_qkv_fp8,
 )
 from k4serve.kernels.conv_bias import add_channel_bias_, conv3d_channels_last
-from k4serve.kernels.gelu_quant import gelu, quantize_rows
+from k4serve.kernels.gelu_quant import MAX_CHUNKS, gelu, quantize_rows, row_chunks
 from k4serve.kernels.group_norm import (
     group_norm_stats,
     spatial_norm_silu,
@@ -255,6 +255,42 @@ def test_gelu_bf16_and_fp8():
     assert y8.dtype == torch.float8_e4m3fn and rel_error(y8.double() * scale8, want) < 4e-2
     y8, scale8 = gelu(h, quant="int8")
     assert y8.dtype == torch.int8 and rel_error(y8.double() * scale8, want) < 1.5e-2
+
+
+def test_row_chunks_cover_each_row_without_a_spare_chunk():
+    for d in (*range(1, 70), 96, 300, 3072, 5000, 12288, 16385):
+        block, chunks = row_chunks(d)
+        assert block & (block - 1) == 0 and 1 <= chunks <= MAX_CHUNKS and block * (chunks - 1) < d <= block * chunks
+    assert row_chunks(12288) == (4096, 3) and row_chunks(3072) == (1024, 3)  # the DiT's widths: no masked lanes
+
+
+@pytest.mark.parametrize("d", [300, 5000])  # 3 chunks, the last one ragged
+def test_gelu_int8_is_the_int8_rounding_of_the_exact_gelu(d):
+    g = torch.Generator(device=DEVICE).manual_seed(14)
+    h = (3 * torch.randn(5, d, device=DEVICE, generator=g)).to(torch.bfloat16)
+    exact = torch.nn.functional.gelu(h.double())  # the official exact-erf form, in float64
+    want_q, want_scale = quantize_rowwise_int8(exact)
+    q, scale = gelu(h, quant="int8")  # erf by the 1.5e-7 polynomial: it may move a value across a rounding tie
+    torch.testing.assert_close(scale, want_scale.float(), rtol=1e-6, atol=0)
+    diff = (q.int() - want_q.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 1e-3
+    y, _ = gelu(h)  # bf16: libdevice's erf, every chunk stored (the interpreter truncates to bf16: 2^-8 rms)
+    assert rel_error(y, exact) < 6e-3
+
+
+def test_gelu_quant_lowers_for_sm90_with_one_exp_and_one_rsqrt_per_value():
+    """The pass compiles for sm_90 (no GPU needed) at the DiT's widths; into 8 bits, each of a thread's 24 values of
+    a 12288-wide row costs one ex2 and one rsqrt (erf's polynomial), no division; into bf16, libdevice's erf."""
+    from sm90_lowering import lower_in_subprocess
+
+    reports, stderr = lower_in_subprocess("gelu-quant")
+    assert len(reports) == 4, stderr
+    by_output = {r["kernel"].split("quant=")[1]: r for r in reports if "D=12288" in r["kernel"]}
+    assert all(r["cubin"] for r in reports), reports
+    for quant in ("int8", "fp8"):
+        special = by_output[quant]["special"]
+        assert special["ex2"] == special["rsqrt"] == 24 and special.get("div", 0) <= 2, special  # divisions: the scale
+    assert "rsqrt" not in by_output["bf16"]["special"], by_output["bf16"]
 
 
 @pytest.mark.parametrize("quant", ["fp8", "int8"])
