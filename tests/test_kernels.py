@@ -360,7 +360,7 @@ def test_int8_gemm_lowers_to_pipelined_hopper_int8_tensor_core_code():
     from sm90_lowering import lower_in_subprocess
 
     reports, stderr = lower_in_subprocess("int8-gemm")
-    assert [r["kernel"].split()[2] for r in reports] == ["pointers"] * 5 + ["tma"] * 5, stderr
+    assert [r["kernel"].split()[2] for r in reports] == ["pointers"] * 7 + ["tma"] * 5, stderr
     for report in reports:
         assert report["cubin"] and report["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"], report
         copies = report["tma"] if "tma" in report["kernel"] else report["cp_async"]

@@ -32,12 +32,18 @@ def _set_tma_blocks(nargs: dict) -> None:
 
 def _configs(tma: bool) -> list[triton.Config]:
     """Hopper tilings for the DiT's shapes (K, N multiples of 128): wgmma tiles of 128-256 rows and columns,
-    128 bytes of K per stage; the CPU interpreter gets one small tile (every config would run there)."""
+    64-256 bytes of K per stage; the CPU interpreter gets one small tile (every config would run there). Why 256
+    (pointer loads): Triton does not pipeline a wgmma whose accumulator is not fp32 (a rule of its pipeliner: the
+    PTX waits for each K step's MMAs before the next step's are issued), so a deeper K step issues twice the MMAs
+    per exposed wait, in two stages of 96 KiB. Autotuning times every tiling, so one that is slower is never
+    picked."""
     hook = _set_tma_blocks if tma else None
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, pre_hook=hook)]
     tiles = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 64, 8, 4),
              (128, 128, 128, 4, 4)]  # fmt: skip
+    if not tma:  # a TMA box row of 256 bytes is twice the 128-byte swizzle span: not tried on a GPU yet
+        tiles += [(128, 256, 256, 8, 2), (256, 128, 256, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s,
                           pre_hook=hook)
             for m, n, k, w, s in tiles]  # fmt: skip
