@@ -5,7 +5,8 @@ bundled LLVM and ptxas compile them).
 argument of a user-defined Triton kernel as fp64 (the JIT types it fp32). Triton cannot lower an fp64 -> e4m3
 conversion, so a kernel whose float argument reaches an fp8 store stops AOTI's compile ("PassManager::run failed").
 `python sm90_lowering.py gelu-quant`: the GELU / quantize pass at the DiT's widths as `gelu_quant._launch` tiles them,
-with the counts of its special-function instructions in the PTX (erf's polynomial and exponential for 8-bit outputs).
+with the counts of its special-function instructions in the PTX (erf's polynomial and exponential for 8-bit outputs)
+and of its SASS instructions (a straight-line kernel: divided by the values a thread holds, its cost per value).
 `python sm90_lowering.py int8-gemm`: both int8 GEMMs (pointer and TMA-descriptor loads) at their Hopper tilings, typed
 as the JIT specialises the DiT's calls (16-byte aligned pointers, K and N multiples of 16), to show their tensor-core
 instructions and whether the main loop is pipelined (cp.async or TMA stages in shared memory).
@@ -21,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -101,6 +103,18 @@ def gelu_quant_cases() -> dict[str, tuple]:
     return cases
 
 
+def sass_instructions(cubin: bytes) -> int | None:
+    """The number of SASS instructions in a cubin (Triton's bundled cuobjdump; None where it is missing)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run([str(cuobjdump), "--dump-sass", file.name], capture_output=True, text=True).stdout
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, flags=re.MULTILINE))
+
+
 def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, warps: int, stages: int = 3,
           aligned: tuple[str, ...] = ()) -> dict:  # fmt: skip
     names = list(inspect.signature(kernel.fn).parameters)
@@ -119,7 +133,8 @@ def lower(kernel: triton.runtime.JITFunction, types: dict, constexprs: dict, war
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.[\w.]+", ptx))),
             "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
             "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "shared": compiled.metadata.shared,
-            "special": dict(Counter(re.findall(r"\b(ex2|rsqrt|erf|rcp|div)\.[\w.]+", ptx)))}  # fmt: skip
+            "special": dict(Counter(re.findall(r"\b(ex2|rsqrt|erf|rcp|div)\.[\w.]+", ptx))),
+            "sass_instructions": sass_instructions(compiled.asm["cubin"])}  # fmt: skip
 
 
 def lower_in_subprocess(*args: str) -> tuple[list[dict], str]:
