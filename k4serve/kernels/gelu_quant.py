@@ -8,7 +8,7 @@ A program holds its whole row in registers (the per-token scale needs the row's 
 up to 4 power-of-two chunks, so a row of 12288 (the DiT's FF width) is 3 x 4096 lanes, not 16384 with a quarter
 masked off. Where the output is 8-bit, erf comes from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, its
 reciprocal from the rsqrt unit; GELU's error <= 2.1e-7 in float64), 1e5 times below the int8 step (amax / 127).
-By sm_90 SASS at the FF shape into int8 (`python tests/sm90_lowering.py gelu-quant`, no GPU needed), that is 30
+By sm_90 SASS at the FF shape into int8 (`python tests/sm90_lowering.py gelu-quant`, Triton 3.9, no GPU), that is 30
 instructions per value, against 46 with libdevice's erf in the same chunks and 60 for the earlier one-block kernel
 (16384 lanes, a quarter masked off). That kernel took 44.7 ms of each int8 DiT forward on an H100 (42 FF GELUs, 42
 attention-output quantizes: 49 GB, 15 ms at HBM speed; benchmarks/RESULTS.md, 2026-12-07); this one is not timed
